@@ -1,0 +1,16 @@
+"""dl_moe: sparse Mixture-of-Experts layers for Keras 3 (TensorFlow, JAX, PyTorch)."""
+
+from dl_moe import experts, gating  # noqa: F401  (registers the built-in types)
+from dl_moe.config import ExpertConfig, GatingConfig, MoEConfig
+from dl_moe.factories import create_ffn_moe
+from dl_moe.layer import MixtureOfExperts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertConfig",
+    "GatingConfig",
+    "MixtureOfExperts",
+    "MoEConfig",
+    "create_ffn_moe",
+]

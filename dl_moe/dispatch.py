@@ -1,0 +1,230 @@
+"""Sparse dispatch: routing decision + tokens → per-expert buffers → combined output.
+
+Shapes (letters used below): T tokens, k choices per token, E experts, N = T*k
+assignments, G groups of R rows that the expert bank processes (`[G, R, d]`).
+
+* Capacity mode: G = E groups of R = C rows, C = ceil(cf*T*k/E) rounded up to a
+  multiple of 8. Assignments past an expert's C rows are dropped.
+* Dropless mode: groups are blocks of R = b rows, each owned by one expert
+  (`group_expert [G]`); every expert's assignments are padded to whole blocks, so the
+  rows computed are at most N + E*(b - 1) and nothing is dropped.
+
+Both modes order the N assignments by the unique integer key `expert * N + priority`,
+with priority = choice * T + token: every token's first choice goes before any second
+choice, then earlier tokens first. Keys are unique, so the order (and therefore which
+assignments a full expert drops) is the same on every backend, whatever the stability
+of its sort. Everything is gathers with static shapes, so it compiles under XLA.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+from keras import ops
+
+CAPACITY_MULTIPLE = 8
+MAX_DROPLESS_BLOCK = 128
+
+
+class DispatchPlan(NamedTuple):
+    """Where every assignment goes and where every buffer row comes from.
+
+    Attributes:
+        slot_token: `[G, R]` int32: the token that fills each row, T for an empty row.
+        assignment_slot: `[T, k]` int32: the flat row (`g * R + r`) that computes each
+            assignment, or G*R when the assignment is inactive or dropped.
+        group_expert: `[G]` int32 expert of each group, or None when group g is expert g.
+        routed_per_expert: `[E]` int32 active assignments per expert (before dropping).
+        processed_per_expert: `[E]` int32 assignments per expert that were computed.
+    """
+
+    slot_token: object
+    assignment_slot: object
+    group_expert: Optional[object]
+    routed_per_expert: object
+    processed_per_expert: object
+
+    @property
+    def kept(self):
+        """`[T, k]` bool: the assignment was computed."""
+        num_rows = ops.shape(self.slot_token)[0] * ops.shape(self.slot_token)[1]
+        return self.assignment_slot < num_rows
+
+
+def static_dim(tensor, axis):
+    """The size of `axis` as a Python int when known, else a scalar tensor."""
+    size = tensor.shape[axis]
+    return size if size is not None else ops.shape(tensor)[axis]
+
+
+def expert_capacity(num_tokens, top_k, num_experts, capacity_factor, multiple=CAPACITY_MULTIPLE):
+    """C = ceil(cf * T * k / E), rounded up to a multiple of `multiple` (Python ints)."""
+    raw = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    return max(multiple, -(-raw // multiple) * multiple)
+
+
+def dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor, multiple=CAPACITY_MULTIPLE):
+    """`expert_capacity` for a token count known only at run time (a scalar tensor)."""
+    tokens = ops.cast(num_tokens, "float32")
+    raw = ops.cast(ops.ceil(capacity_factor * tokens * top_k / num_experts), "int32")
+    return ops.maximum(multiple, (raw + multiple - 1) // multiple * multiple)
+
+
+def dropless_block_size(num_tokens, top_k, num_experts, block_size=None):
+    """Rows per dropless block: the given size, else ~1/4 of the mean group, in [8, 128].
+
+    A quarter of the mean group keeps the padding (at most E*(b-1) rows) near 25% of
+    the T*k useful rows, while blocks stay large enough for efficient matmuls.
+    """
+    if block_size is not None:
+        return block_size
+    mean_group = num_tokens * top_k / num_experts
+    block = CAPACITY_MULTIPLE * max(1, int(mean_group / 4) // CAPACITY_MULTIPLE)
+    return min(MAX_DROPLESS_BLOCK, block)
+
+
+def _sort_assignments(expert_index, active, num_experts):
+    """Orders the T*k assignments by (expert, priority).
+
+    Returns:
+        sorted_token `[N]`, sorted_expert `[N]` (E for inactive assignments, which sort
+        last), group starts `[E + 1]`, rank within the expert's group `[N]` and the
+        permutation `order [N]` (sorted position → flat assignment index).
+    """
+    num_tokens = static_dim(expert_index, 0)
+    top_k = static_dim(expert_index, 1)
+    num_assignments = num_tokens * top_k
+    expert = ops.where(active, ops.cast(expert_index, "int32"), num_experts)
+    flat_expert = ops.reshape(ops.transpose(expert), (-1,))  # [N], choice-major
+    position = ops.arange(num_assignments, dtype="int32")
+    order = ops.cast(ops.argsort(flat_expert * num_assignments + position), "int32")  # [N]
+    sorted_expert = ops.take(flat_expert, order)  # [N]
+    sorted_token = order % num_tokens  # [N]
+    starts = ops.cast(
+        ops.searchsorted(sorted_expert, ops.arange(num_experts + 1, dtype="int32"), side="left"),
+        "int32",
+    )  # [E + 1]
+    rank = position - ops.take(starts, sorted_expert)  # [N]
+    return sorted_token, sorted_expert, starts, rank, order
+
+
+def _unsort(values_sorted, order, num_tokens, top_k):
+    """Inverse of the sort: `[N]` values in sorted order → `[T, k]` per assignment."""
+    num_assignments = num_tokens * top_k
+    flat = ops.scatter(ops.expand_dims(order, -1), values_sorted, (num_assignments,))
+    return ops.transpose(ops.reshape(flat, (top_k, num_tokens)))
+
+
+def plan_capacity_dispatch(expert_index, active, num_experts, capacity):
+    """Capacity-mode plan: E groups of `capacity` rows.
+
+    Args:
+        expert_index: `[T, k]` int expert of each assignment.
+        active: `[T, k]` bool; inactive assignments (masked tokens, unused dynamic-k
+            slots) take no capacity.
+        num_experts: E.
+        capacity: C, a Python int.
+
+    Returns:
+        A `DispatchPlan` with `slot_token [E, C]`.
+    """
+    num_tokens = static_dim(expert_index, 0)
+    top_k = static_dim(expert_index, 1)
+    sorted_token, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
+    kept = (rank < capacity) & (sorted_expert < num_experts)
+    slot_sorted = ops.where(kept, sorted_expert * capacity + rank, num_experts * capacity)
+    assignment_slot = _unsort(slot_sorted, order, num_tokens, top_k)
+
+    counts = starts[1:] - starts[:-1]  # [E]
+    row = ops.arange(capacity, dtype="int32")
+    source = ops.expand_dims(starts[:-1], 1) + ops.expand_dims(row, 0)  # [E, C]
+    filled = ops.expand_dims(row, 0) < ops.expand_dims(counts, 1)
+    num_assignments = num_tokens * top_k
+    slot_token = ops.where(filled, ops.take(sorted_token, ops.minimum(source, num_assignments - 1)), num_tokens)
+    return DispatchPlan(
+        slot_token=slot_token,
+        assignment_slot=assignment_slot,
+        group_expert=None,
+        routed_per_expert=counts,
+        processed_per_expert=ops.minimum(counts, capacity),
+    )
+
+
+def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
+    """Dropless plan: blocks of `block_size` rows, each owned by one expert.
+
+    The number of blocks G = floor((N + E*(b-1)) / b) is a static upper bound of
+    sum_e ceil(count_e / b); blocks past the used ones are empty (owned by expert E-1,
+    all rows empty).
+
+    Args:
+        expert_index: `[T, k]` int expert of each assignment.
+        active: `[T, k]` bool.
+        num_experts: E.
+        block_size: b, a Python int.
+
+    Returns:
+        A `DispatchPlan` with `slot_token [G, b]` and `group_expert [G]`.
+    """
+    num_tokens = static_dim(expert_index, 0)
+    top_k = static_dim(expert_index, 1)
+    num_assignments = num_tokens * top_k
+    num_blocks = (num_assignments + num_experts * (block_size - 1)) // block_size
+    sorted_token, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
+
+    counts = starts[1:] - starts[:-1]  # [E]
+    blocks = (counts + block_size - 1) // block_size  # [E]
+    block_end = ops.cumsum(blocks)  # [E]
+    block_start = ops.concatenate([ops.zeros((1,), "int32"), block_end[:-1]])  # [E]
+    padded_start = ops.concatenate([block_start, ops.zeros((1,), "int32")])  # [E + 1]
+    valid = sorted_expert < num_experts
+    row_sorted = ops.take(padded_start, sorted_expert) * block_size + rank
+    slot_sorted = ops.where(valid, row_sorted, num_blocks * block_size)
+    assignment_slot = _unsort(slot_sorted, order, num_tokens, top_k)
+
+    block_ids = ops.arange(num_blocks, dtype="int32")
+    group_expert = ops.minimum(
+        ops.cast(ops.searchsorted(block_end, block_ids, side="right"), "int32"), num_experts - 1
+    )  # [G]
+    row = ops.arange(block_size, dtype="int32")
+    offset = ops.expand_dims((block_ids - ops.take(block_start, group_expert)) * block_size, 1) + row  # [G, b]
+    filled = (offset < ops.expand_dims(ops.take(counts, group_expert), 1)) & (offset >= 0)
+    source = ops.expand_dims(ops.take(starts, group_expert), 1) + offset
+    source = ops.clip(source, 0, num_assignments - 1)
+    slot_token = ops.where(filled, ops.take(sorted_token, source), num_tokens)
+    return DispatchPlan(
+        slot_token=slot_token,
+        assignment_slot=assignment_slot,
+        group_expert=group_expert,
+        routed_per_expert=counts,
+        processed_per_expert=counts,
+    )
+
+
+def dispatch(tokens, plan):
+    """Gathers tokens `[T, ...]` into expert buffers `[G, R, ...]` (empty rows are 0)."""
+    padded = ops.concatenate([tokens, ops.zeros_like(tokens[:1])], axis=0)  # [T + 1, ...]
+    rows = ops.take(padded, ops.reshape(plan.slot_token, (-1,)), axis=0)
+    group_shape = (static_dim(plan.slot_token, 0), static_dim(plan.slot_token, 1))
+    return ops.reshape(rows, group_shape + tuple(tokens.shape[1:]))
+
+
+def combine(expert_outputs, plan, weights):
+    """Weighted sum of each token's expert outputs.
+
+    Args:
+        expert_outputs: `[G, R, ...]` outputs of the expert bank.
+        plan: The `DispatchPlan` used for `dispatch`.
+        weights: `[T, k]` combine weights (zero where the assignment is inactive).
+
+    Returns:
+        `[T, ...]`: sum_j weights[t, j] * output of assignment (t, j); dropped or
+        inactive assignments contribute zero.
+    """
+    feature_shape = tuple(expert_outputs.shape[2:])
+    rows = ops.reshape(expert_outputs, (-1,) + feature_shape)
+    rows = ops.concatenate([rows, ops.zeros_like(rows[:1])], axis=0)  # [G*R + 1, ...]
+    gathered = ops.take(rows, plan.assignment_slot, axis=0)  # [T, k, ...]
+    weights = ops.cast(weights, gathered.dtype)
+    for _ in feature_shape:
+        weights = ops.expand_dims(weights, -1)
+    return ops.sum(gathered * weights, axis=1)

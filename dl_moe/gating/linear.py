@@ -1,0 +1,99 @@
+"""Linear top-k router (Switch / GShard / Mixtral), with optional noise."""
+
+import keras
+from keras import ops
+
+from dl_moe.gating.base import BaseGating, select_top_k
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class LinearGating(BaseGating):
+    """logits = x W / temperature; p = softmax(logits); keep the top-k of p.
+
+    In training two optional noises are applied, both drawn from a
+    `keras.random.SeedGenerator` so they work under JAX tracing:
+
+    * `jitter_noise` j: the router input is multiplied by U(1 - j, 1 + j) (Switch).
+    * `add_noise`: Shazeer et al. 2017 noisy top-k, logits += N(0, 1) *
+      softplus(x W_noise) * noise_std, with a learned `noise_kernel [d, E]`.
+
+    Args:
+        num_experts: E.
+        top_k: k.
+        temperature: Divides the logits (>0).
+        normalize_top_k: Renormalise the kept weights to sum to 1.
+        add_noise: Enables noisy top-k in training.
+        noise_std: Scale of the noisy top-k noise.
+        jitter_noise: Multiplicative input jitter in training (0 disables it).
+        seed: Seed of the noise generator.
+
+    Call returns `(weights [..., k], indices [..., k], info)` with `info` keys
+    `gate_logits [..., E]` (before the noisy top-k noise) and `raw_gate_probs [..., E]`
+    (the probabilities the selection used).
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        top_k=2,
+        temperature=1.0,
+        normalize_top_k=False,
+        add_noise=False,
+        noise_std=1.0,
+        jitter_noise=0.0,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(num_experts, top_k, jitter_noise=jitter_noise, seed=seed, **kwargs)
+        self.temperature = float(temperature)
+        self.normalize_top_k = normalize_top_k
+        self.add_noise = add_noise
+        self.noise_std = float(noise_std)
+
+    @classmethod
+    def from_moe_config(cls, config, name=None):
+        gating = config.gating_config
+        return cls(
+            num_experts=config.num_experts,
+            top_k=gating.top_k,
+            temperature=gating.temperature or 1.0,
+            normalize_top_k=gating.normalize_top_k,
+            add_noise=gating.add_noise,
+            noise_std=gating.noise_std,
+            jitter_noise=config.jitter_noise,
+            dtype=config.routing_dtype,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if self.add_noise:
+            self.noise_kernel = self.add_weight(
+                name="noise_kernel",
+                shape=(input_shape[-1], self.num_experts),
+                initializer="zeros",
+            )
+
+    def call(self, inputs, training=None):
+        x = self.apply_jitter(inputs, training)
+        logits = self.compute_gate_logits(x) / self.temperature  # [..., E]
+        selection_logits = logits
+        if training and self.add_noise:
+            noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel)) * self.noise_std
+            noise = keras.random.normal(ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator)
+            selection_logits = logits + noise * noise_scale
+        probs = ops.softmax(selection_logits, axis=-1)
+        weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k)
+        return weights, indices, {"gate_logits": logits, "raw_gate_probs": probs}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "temperature": self.temperature,
+                "normalize_top_k": self.normalize_top_k,
+                "add_noise": self.add_noise,
+                "noise_std": self.noise_std,
+            }
+        )
+        return config

@@ -1,0 +1,320 @@
+"""`MixtureOfExperts`: route → dispatch → experts → combine."""
+
+import copy
+
+import keras
+import numpy as np
+from keras import ops
+
+from dl_moe import dispatch as dispatch_lib
+from dl_moe.config import MoEConfig
+from dl_moe.losses import load_balancing_loss, router_z_loss
+from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
+
+# Capacity used when the token count is only known at run time (TF graphs with an
+# unknown batch size) for dropless blocks; any value gives the same outputs.
+DYNAMIC_DROPLESS_BLOCK = 64
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class MixtureOfExperts(keras.layers.Layer):
+    """A sparse Mixture-of-Experts layer.
+
+    Every token `[..., d]` is routed to experts by the router (`gating_network`),
+    gathered into per-expert buffers, processed by the expert bank (`experts`) and
+    combined with the routing weights. An expert only ever computes the tokens routed
+    to it.
+
+    Args:
+        config: A `MoEConfig` (or its `to_dict()`); None means `MoEConfig()`.
+        **kwargs: `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: `[..., d]` with d = `expert_config.hidden_dim`; all leading axes are
+            tokens (Soft MoE treats axis 0 as the group axis of `[B, S, d]` inputs and a
+            2-D input as one group).
+        training: Training mode (noise, dropout, `train_capacity_factor`, losses).
+        mask: Optional boolean `[...]` (Keras masking). Masked tokens take no capacity,
+            are ignored by losses and statistics, and output zeros.
+
+    Returns:
+        `[..., output_dim]`.
+
+    In training the layer registers `aux_loss_weight * load_balancing_loss` and
+    `z_loss_weight * router_z_loss` with `add_loss`. Routing statistics accumulate in
+    non-trainable variables (see `get_routing_stats`).
+    """
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(**kwargs)
+        if config is None:
+            config = MoEConfig()
+        elif isinstance(config, dict):
+            config = MoEConfig.from_dict(config)
+        elif not isinstance(config, MoEConfig):
+            raise ValueError(f"config must be a MoEConfig or a dict, got {type(config).__name__}.")
+        else:
+            config = copy.deepcopy(config)
+        config.validate()
+        self.config = config
+        self.supports_masking = True
+        self._gating_cls = GATING_TYPES.get(config.gating_config.gating_type)
+        self._expert_cls = EXPERT_TYPES.get(config.expert_config.expert_type)
+        self.is_soft = self._gating_cls.routing_kind == "soft"
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        hidden_dim = self.config.expert_config.hidden_dim
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"MixtureOfExperts expects inputs of rank >= 2 [..., {hidden_dim}], got shape {input_shape}."
+            )
+        if input_shape[-1] != hidden_dim:
+            raise ValueError(
+                f"MixtureOfExperts expects a last dimension of hidden_dim={hidden_dim}, "
+                f"got input shape {input_shape}."
+            )
+        num_experts = self.config.num_experts
+        if self.is_soft:
+            sequence_length = None
+            if len(input_shape) > 2 and None not in input_shape[1:-1]:
+                sequence_length = int(np.prod(input_shape[1:-1]))
+            self.gating_network = self._gating_cls.from_moe_config(
+                self.config, name="router", sequence_length=sequence_length
+            )
+            self.gating_network.build((None, None, hidden_dim))
+        else:
+            self.gating_network = self._gating_cls.from_moe_config(self.config, name="router")
+            self.gating_network.build((None, hidden_dim))
+        self.experts = self._expert_cls.from_moe_config(self.config, name="experts", dtype=self.dtype_policy)
+        self.experts.build((None, None, hidden_dim))
+
+        def stat(name, shape=()):
+            return self.add_weight(
+                name=name, shape=shape, initializer="zeros", trainable=False, dtype="float32", autocast=False
+            )
+
+        self.routed_tokens_per_expert = stat("routed_tokens_per_expert", (num_experts,))
+        self.processed_tokens_per_expert = stat("processed_tokens_per_expert", (num_experts,))
+        self.seen_tokens = stat("seen_tokens")
+        self.dropped_tokens = stat("dropped_tokens")
+        self.last_aux_loss = stat("last_aux_loss")
+        self.last_z_loss = stat("last_z_loss")
+        self.built = True
+
+    # ------------------------------------------------------------------- call
+
+    def call(self, inputs, training=None, mask=None):
+        if self.is_soft:
+            return self._call_soft(inputs, training, mask)
+        return self._call_token_choice(inputs, training, mask)
+
+    def _call_token_choice(self, inputs, training, mask):
+        hidden_dim = self.config.expert_config.hidden_dim
+        output_dim = self.config.expert_config.resolved_output_dim
+        leading_shape = ops.shape(inputs)[:-1]
+        tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
+        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
+
+        # Route.
+        weights, indices, info = self._route(tokens, training)  # [T, k], [T, k]
+        active = info.get("active")
+        active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
+        if token_mask is not None:
+            active = active & ops.expand_dims(token_mask, -1)
+        weights = ops.where(active, weights, ops.zeros_like(weights))
+
+        # Dispatch.
+        plan = self._plan(indices, active, training)
+        expert_inputs = dispatch_lib.dispatch(tokens, plan)  # [G, R, d]
+
+        # Experts.
+        expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training)
+
+        # Combine.
+        outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, o]
+        kept = plan.kept & active
+        fully_dropped = ops.any(active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
+        if self.config.use_residual_connection and output_dim == hidden_dim:
+            outputs = outputs + ops.where(ops.expand_dims(fully_dropped, -1), tokens, ops.zeros_like(tokens))
+
+        self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training)
+        outputs = ops.reshape(outputs, tuple(leading_shape) + (output_dim,))
+        return self._zero_masked(outputs, mask)
+
+    def _call_soft(self, inputs, training, mask):
+        hidden_dim = self.config.expert_config.hidden_dim
+        output_dim = self.config.expert_config.resolved_output_dim
+        num_experts = self.config.num_experts
+        num_slots = self.gating_network.num_slots
+        leading_shape = ops.shape(inputs)[:-1]
+        if len(inputs.shape) == 2:
+            groups = ops.expand_dims(inputs, 0)  # one group [1, T, d]
+        else:
+            groups = ops.reshape(inputs, (ops.shape(inputs)[0], -1, hidden_dim))  # [B, S, d]
+        group_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), ops.shape(groups)[:2])
+
+        combine, _, info = self.gating_network(groups, training=training, mask=group_mask)  # [B, S, E*P]
+        dispatch_weights = ops.cast(info["dispatch_weights"], groups.dtype)
+        slots = ops.matmul(ops.transpose(dispatch_weights, (0, 2, 1)), groups)  # [B, E*P, d]
+        batch = ops.shape(slots)[0]
+        expert_inputs = ops.reshape(slots, (batch, num_experts, num_slots, hidden_dim))
+        expert_inputs = ops.reshape(ops.transpose(expert_inputs, (1, 0, 2, 3)), (num_experts, -1, hidden_dim))
+        expert_outputs = self.experts(expert_inputs, training=training)  # [E, B*P, o]
+        expert_outputs = ops.reshape(expert_outputs, (num_experts, batch, num_slots, output_dim))
+        expert_outputs = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (batch, -1, output_dim))
+        outputs = ops.matmul(ops.cast(combine, expert_outputs.dtype), expert_outputs)  # [B, S, o]
+
+        token_weight = None if group_mask is None else ops.reshape(group_mask, (-1,))
+        expert_mass = ops.reshape(info["raw_gate_probs"], (-1, num_experts))  # [T, E]
+        if token_weight is not None:
+            expert_mass = expert_mass * ops.expand_dims(ops.cast(token_weight, expert_mass.dtype), -1)
+        mass = ops.sum(expert_mass, axis=0)
+        self._update_stats(mass, mass, self._count_tokens(expert_mass, token_weight), 0.0)
+        if training and self.config.gating_config.z_loss_weight > 0:
+            logits = ops.reshape(info["gate_logits"], (-1, num_experts * num_slots))
+            z_loss = router_z_loss(logits, token_weight)
+            self.add_loss(self.config.gating_config.z_loss_weight * z_loss)
+            self.last_z_loss.assign(ops.cast(ops.stop_gradient(z_loss), "float32"))
+        outputs = ops.reshape(outputs, tuple(leading_shape) + (output_dim,))
+        return self._zero_masked(outputs, mask)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _route(self, tokens, training):
+        """Runs the router and normalises its answer to `[T, k]` weights and indices."""
+        weights, indices, info = self.gating_network(tokens, training=training)
+        info = dict(info or {})
+        num_experts = self.config.num_experts
+        if indices is None:
+            # Dense [T, E] weights: keep the top_k largest.
+            info.setdefault("raw_gate_probs", weights)
+            weights, indices = ops.top_k(weights, self.config.gating_config.top_k)
+        elif len(indices.shape) == len(weights.shape) - 1:
+            # Dense weights with one index per token (e.g. argmax).
+            if weights.shape[-1] != num_experts:
+                raise ValueError(
+                    f"A router returning one index per token must return weights of shape "
+                    f"[T, num_experts={num_experts}], got {weights.shape}."
+                )
+            info.setdefault("raw_gate_probs", weights)
+            indices = ops.expand_dims(indices, -1)
+            weights = ops.take_along_axis(weights, ops.cast(indices, "int32"), axis=-1)
+        return weights, ops.cast(indices, "int32"), info
+
+    def _plan(self, indices, active, training):
+        num_experts = self.config.num_experts
+        num_tokens = dispatch_lib.static_dim(indices, 0)
+        top_k = indices.shape[-1]
+        if not self.config.drop_tokens:
+            if isinstance(num_tokens, int):
+                block = dispatch_lib.dropless_block_size(
+                    num_tokens, top_k, num_experts, self.config.dropless_block_size
+                )
+            else:
+                block = self.config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
+            return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block)
+        capacity_factor = self.config.capacity_factor(bool(training))
+        if isinstance(num_tokens, int):
+            capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+        else:
+            capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+        return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity)
+
+    @staticmethod
+    def _count_tokens(per_token, token_weight):
+        if token_weight is None:
+            return ops.cast(ops.shape(per_token)[0], "float32")
+        return ops.sum(ops.cast(token_weight, "float32"))
+
+    def _add_losses_and_stats(self, info, plan, token_mask, fully_dropped, training):
+        probs = info.get("raw_gate_probs")
+        logits = info.get("gate_logits")
+        gating = self.config.gating_config
+        if training and probs is not None and gating.aux_loss_weight > 0:
+            aux_loss = load_balancing_loss(probs, plan.routed_per_expert, token_mask)
+            self.add_loss(gating.aux_loss_weight * aux_loss)
+            self.last_aux_loss.assign(ops.cast(ops.stop_gradient(aux_loss), "float32"))
+        if training and logits is not None and gating.z_loss_weight > 0:
+            z_loss = router_z_loss(logits, token_mask)
+            self.add_loss(gating.z_loss_weight * z_loss)
+            self.last_z_loss.assign(ops.cast(ops.stop_gradient(z_loss), "float32"))
+        dropped = ops.cast(fully_dropped, "float32")
+        num_tokens = self._count_tokens(dropped, token_mask)
+        self._update_stats(plan.routed_per_expert, plan.processed_per_expert, num_tokens, ops.sum(dropped))
+
+    def _update_stats(self, routed, processed, num_tokens, dropped_tokens):
+        as_stat = lambda x: ops.stop_gradient(ops.cast(x, "float32"))  # noqa: E731
+        self.routed_tokens_per_expert.assign_add(as_stat(routed))
+        self.processed_tokens_per_expert.assign_add(as_stat(processed))
+        self.seen_tokens.assign_add(as_stat(num_tokens))
+        self.dropped_tokens.assign_add(as_stat(dropped_tokens))
+
+    @staticmethod
+    def _zero_masked(outputs, mask):
+        if mask is None:
+            return outputs
+        return outputs * ops.expand_dims(ops.cast(mask, outputs.dtype), -1)
+
+    # --------------------------------------------------------------- public
+
+    def get_expert_utilization(self):
+        """Measured share of routed token assignments per expert since the last reset.
+
+        Returns:
+            numpy `[E]` float array summing to 1 (zeros before any call). Soft MoE
+            reports each expert's share of the combine weights.
+        """
+        routed = np.asarray(ops.convert_to_numpy(self.routed_tokens_per_expert), dtype="float64")
+        total = routed.sum()
+        return routed / total if total > 0 else routed
+
+    def get_routing_stats(self):
+        """Routing statistics accumulated since the last `reset_routing_stats()`.
+
+        Returns:
+            dict with `expert_fraction` (numpy `[E]`, as `get_expert_utilization`),
+            `avg_experts_per_token`, `dropped_fraction` (share of routed assignments not
+            computed), `dropped_token_fraction` (share of tokens with every assignment
+            dropped), `load_cv` (coefficient of variation of the per-expert load),
+            `tokens` and, when computed in training, the unscaled `aux_loss`/`z_loss`.
+        """
+        routed = np.asarray(ops.convert_to_numpy(self.routed_tokens_per_expert), dtype="float64")
+        processed = np.asarray(ops.convert_to_numpy(self.processed_tokens_per_expert), dtype="float64")
+        tokens = float(ops.convert_to_numpy(self.seen_tokens))
+        total = routed.sum()
+        return {
+            "expert_fraction": routed / total if total > 0 else routed,
+            "avg_experts_per_token": total / tokens if tokens > 0 else 0.0,
+            "dropped_fraction": float(1.0 - processed.sum() / total) if total > 0 else 0.0,
+            "dropped_token_fraction": float(ops.convert_to_numpy(self.dropped_tokens)) / tokens if tokens > 0 else 0.0,
+            "load_cv": float(routed.std() / routed.mean()) if total > 0 else 0.0,
+            "tokens": tokens,
+            "aux_loss": float(ops.convert_to_numpy(self.last_aux_loss)),
+            "z_loss": float(ops.convert_to_numpy(self.last_z_loss)),
+        }
+
+    def reset_routing_stats(self):
+        """Clears the accumulated routing statistics."""
+        for variable in (
+            self.routed_tokens_per_expert,
+            self.processed_tokens_per_expert,
+            self.seen_tokens,
+            self.dropped_tokens,
+            self.last_aux_loss,
+            self.last_z_loss,
+        ):
+            variable.assign(ops.zeros_like(variable))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.config.expert_config.resolved_output_dim,)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        config = super().get_config()
+        config["config"] = self.config.to_dict()
+        return config
