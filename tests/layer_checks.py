@@ -1,0 +1,108 @@
+"""One battery of checks every MoE layer configuration goes through.
+
+In the spirit of `keras.src.testing.TestCase.run_layer_test`: symbolic call in a
+functional model, eager call, losses in training only, gradients reaching router and
+expert weights, a compiled `fit` whose loss falls, and a `.keras` round trip.
+"""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+BACKEND = keras.backend.backend()
+
+
+def trainable_gradients(layer, inputs, training=True):
+    """Gradient of sum(outputs^2) + losses w.r.t. every trainable weight, as numpy."""
+    variables = layer.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            out = layer(inputs, training=training)
+            loss = tf.reduce_sum(tf.square(out)) + sum(layer.losses)
+        grads = tape.gradient(loss, [v.value for v in variables])
+    elif BACKEND == "jax":
+        import jax
+
+        def loss_fn(trainable):
+            non_trainable = [v.value for v in layer.non_trainable_variables]
+            out, _ = layer.stateless_call(trainable, non_trainable, inputs, training=training)
+            return ops.sum(ops.square(out))
+
+        grads = jax.grad(loss_fn)([v.value for v in variables])
+    else:
+        import torch
+
+        out = layer(inputs, training=training)
+        loss = torch.sum(torch.square(out)) + sum(layer.losses)
+        grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
+    return {
+        v.path: (None if g is None else np.asarray(ops.convert_to_numpy(g))) for v, g in zip(variables, grads)
+    }
+
+
+def classifier(layer_factory, input_shape, num_classes=3):
+    inputs = keras.Input(input_shape)
+    x = layer_factory()(inputs)
+    x = keras.layers.Flatten()(x) if len(input_shape) > 1 else x
+    outputs = keras.layers.Dense(num_classes)(x)
+    return keras.Model(inputs, outputs)
+
+
+def run_moe_layer_checks(layer_factory, input_shape, tmp_path, batch=16, epochs=4, expect_aux_loss=True):
+    """Runs the shared checks; returns the trained model.
+
+    Args:
+        layer_factory: Zero-argument callable returning a fresh MoE layer.
+        input_shape: Per-example input shape (without batch).
+        tmp_path: pytest tmp_path for the `.keras` file.
+        expect_aux_loss: The configuration registers at least one loss in training.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch,) + tuple(input_shape)).astype("float32")
+    y = rng.integers(0, 3, size=(batch,))
+
+    # Eager call: shape, dtype, finite; losses only in training.
+    layer = layer_factory()
+    out = layer(x, training=False)
+    expected_shape = layer.compute_output_shape((batch,) + tuple(input_shape))
+    assert tuple(out.shape) == tuple(expected_shape)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    assert np.all(np.isfinite(ops.convert_to_numpy(out)))
+    assert len(layer.losses) == 0
+    layer(x, training=True)
+    assert (len(layer.losses) > 0) == expect_aux_loss
+
+    # Gradients reach the router and the experts.
+    grads = trainable_gradients(layer, x)
+    router_grads = [g for p, g in grads.items() if "/router/" in p]
+    expert_grads = [g for p, g in grads.items() if "/experts/" in p]
+    assert router_grads and any(g is not None and np.abs(g).sum() > 0 for g in router_grads), grads.keys()
+    assert expert_grads and all(g is not None and np.abs(g).sum() > 0 for g in expert_grads), grads.keys()
+
+    # Compiled fit (XLA on TF and JAX): loss falls.
+    model = classifier(layer_factory, input_shape)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=BACKEND != "torch",
+    )
+    history = model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+
+    # .keras round trip, default safe mode, no custom_objects.
+    path = os.path.join(tmp_path, "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(restored.predict(x, verbose=0)),
+        ops.convert_to_numpy(model.predict(x, verbose=0)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    return model
