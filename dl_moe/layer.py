@@ -8,6 +8,7 @@ from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
 from dl_moe.config import MoEConfig
+from dl_moe.experts.ffn import FFNExpertBank
 from dl_moe.losses import load_balancing_loss, router_z_loss
 from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 
@@ -66,10 +67,19 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
+        if self.config.expert_config.hidden_dim is None and input_shape and input_shape[-1] is not None:
+            # hidden_dim=None: the input decides (stored in the config from now on).
+            self.config.expert_config.hidden_dim = int(input_shape[-1])
         hidden_dim = self.config.expert_config.hidden_dim
         if len(input_shape) < 2:
             raise ValueError(
                 f"MixtureOfExperts expects inputs of rank >= 2 [..., {hidden_dim}], got shape {input_shape}."
+            )
+        required_rank = self._expert_cls.input_rank
+        if required_rank is not None and len(input_shape) != required_rank:
+            raise ValueError(
+                f"expert_type={self.config.expert_config.expert_type!r} expects inputs of rank "
+                f"{required_rank}, got shape {input_shape}."
             )
         if input_shape[-1] != hidden_dim:
             raise ValueError(
@@ -85,11 +95,33 @@ class MixtureOfExperts(keras.layers.Layer):
                 self.config, name="router", sequence_length=sequence_length
             )
             self.gating_network.build((None, None, hidden_dim))
+        elif self.config.hierarchical_routing:
+            from dl_moe.gating.hierarchical import HierarchicalGating
+
+            self.gating_network = HierarchicalGating.from_moe_config(self.config, name="router")
+            self.gating_network.build((None, hidden_dim))
         else:
             self.gating_network = self._gating_cls.from_moe_config(self.config, name="router")
             self.gating_network.build((None, hidden_dim))
         self.experts = self._expert_cls.from_moe_config(self.config, name="experts", dtype=self.dtype_policy)
-        self.experts.build((None, None, hidden_dim))
+        row_features = tuple(input_shape[1:]) if self.experts.token_layout == "example" else (hidden_dim,)
+        self.experts.build((None, None) + row_features)
+        self.shared_experts = None
+        if self.config.num_shared_experts:
+            # n shared FFN experts of width h == one FFN of width n*h (stacked hidden axis).
+            expert = self.config.expert_config
+            self.shared_experts = FFNExpertBank(
+                num_experts=1,
+                intermediate_size=self.config.num_shared_experts * expert.resolved_intermediate_size,
+                output_dim=self.experts.compute_output_shape((None, None, hidden_dim))[-1],
+                ffn_type=expert.ffn_type,
+                activation=expert.activation,
+                dropout_rate=expert.dropout_rate,
+                use_bias=expert.use_bias,
+                dtype=self.dtype_policy,
+                name="shared_experts",
+            )
+            self.shared_experts.build((None, None, hidden_dim))
 
         def stat(name, shape=()):
             return self.add_weight(
@@ -113,13 +145,22 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def _call_token_choice(self, inputs, training, mask):
         hidden_dim = self.config.expert_config.hidden_dim
-        output_dim = self.config.expert_config.resolved_output_dim
-        leading_shape = ops.shape(inputs)[:-1]
-        tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
+        if self.experts.token_layout == "example":
+            # Each example is one token carrying its whole feature map [B, ...].
+            if mask is not None:
+                raise ValueError(
+                    f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
+                    "and does not take a Keras mask."
+                )
+            leading_shape = ops.shape(inputs)[:1]
+            tokens = inputs  # [T = B, ...]
+        else:
+            leading_shape = ops.shape(inputs)[:-1]
+            tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
         token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
 
         # Route.
-        weights, indices, info = self._route(tokens, training)  # [T, k], [T, k]
+        weights, indices, info = self._route(self.experts.router_inputs(tokens), training)  # [T, k], [T, k]
         active = info.get("active")
         active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
         if token_mask is not None:
@@ -130,19 +171,31 @@ class MixtureOfExperts(keras.layers.Layer):
         plan = self._plan(indices, active, training)
         expert_inputs = dispatch_lib.dispatch(tokens, plan)  # [G, R, d]
 
-        # Experts.
-        expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training)
+        # Experts (a bank with per-call context, e.g. shared attention keys/values, also
+        # learns which token fills each row).
+        context = self.experts.prepare_context(inputs, mask)
+        extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
+        expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
 
         # Combine.
-        outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, o]
+        outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
         kept = plan.kept & active
         fully_dropped = ops.any(active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
-        if self.config.use_residual_connection and output_dim == hidden_dim:
-            outputs = outputs + ops.where(ops.expand_dims(fully_dropped, -1), tokens, ops.zeros_like(tokens))
+        if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):
+            dropped = ops.reshape(fully_dropped, (-1,) + (1,) * (len(tokens.shape) - 1))
+            outputs = outputs + ops.where(dropped, tokens, ops.zeros_like(tokens))
+        outputs = self._add_shared_experts(tokens, outputs, training)
 
         self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training)
-        outputs = ops.reshape(outputs, tuple(leading_shape) + (output_dim,))
+        outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
         return self._zero_masked(outputs, mask)
+
+    def _add_shared_experts(self, tokens, outputs, training):
+        """outputs `[T, o]` + the shared experts' output on every token `[T, d]`."""
+        if self.shared_experts is None:
+            return outputs
+        shared = self.shared_experts(ops.expand_dims(tokens, 0), training=training)  # [1, T, o]
+        return outputs + ops.cast(shared[0], outputs.dtype)
 
     def _call_soft(self, inputs, training, mask):
         hidden_dim = self.config.expert_config.hidden_dim
@@ -163,6 +216,7 @@ class MixtureOfExperts(keras.layers.Layer):
         expert_inputs = ops.reshape(slots, (batch, num_experts, num_slots, hidden_dim))
         expert_inputs = ops.reshape(ops.transpose(expert_inputs, (1, 0, 2, 3)), (num_experts, -1, hidden_dim))
         expert_outputs = self.experts(expert_inputs, training=training)  # [E, B*P, o]
+        output_dim = expert_outputs.shape[-1]
         expert_outputs = ops.reshape(expert_outputs, (num_experts, batch, num_slots, output_dim))
         expert_outputs = ops.reshape(ops.transpose(expert_outputs, (1, 0, 2, 3)), (batch, -1, output_dim))
         outputs = ops.matmul(ops.cast(combine, expert_outputs.dtype), expert_outputs)  # [B, S, o]
@@ -178,6 +232,8 @@ class MixtureOfExperts(keras.layers.Layer):
             z_loss = router_z_loss(logits, token_weight)
             self.add_loss(self.config.gating_config.z_loss_weight * z_loss)
             self.last_z_loss.assign(ops.cast(ops.stop_gradient(z_loss), "float32"))
+        outputs = ops.reshape(outputs, (-1, output_dim))  # [T, o]
+        outputs = self._add_shared_experts(ops.reshape(inputs, (-1, hidden_dim)), outputs, training)
         outputs = ops.reshape(outputs, tuple(leading_shape) + (output_dim,))
         return self._zero_masked(outputs, mask)
 
@@ -306,12 +362,21 @@ class MixtureOfExperts(keras.layers.Layer):
             self.last_aux_loss,
             self.last_z_loss,
         ):
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (self.config.expert_config.resolved_output_dim,)
+        input_shape = tuple(input_shape)
+        if not self.built:
+            self.build(input_shape)  # the expert bank knows its output shape
+        if self._expert_cls.token_layout == "example":
+            # [B, ...] -> [B, ...out], e.g. [B, H', W', filters] for conv experts.
+            return input_shape[:1] + tuple(self.experts.compute_output_shape((None, None) + input_shape[1:]))[2:]
+        output_dim = self.experts.compute_output_shape((None, None, input_shape[-1]))[-1]
+        return input_shape[:-1] + (output_dim,)
 
     def compute_mask(self, inputs, mask=None):
+        if self._expert_cls.token_layout == "example":
+            return None
         return mask
 
     def get_config(self):

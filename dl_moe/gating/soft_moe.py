@@ -48,6 +48,7 @@ class SoftMoEGating(BaseGating):
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots must be a positive integer, got {num_slots!r}.")
         self.num_slots = num_slots
+        self.supports_masking = True  # the mask is an explicit call argument
         self.learnable_temperature = learnable_temperature
 
     @classmethod
