@@ -15,6 +15,8 @@ from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 
 FFN_TYPES = ("mlp", "swiglu", "geglu")
 ROUTING_DTYPES = ("float32", "bfloat16", "float16")
+CONV_PADDINGS = ("same", "valid")
+MAX_ROUTING_LEVELS = 2
 
 
 # ----------------------------------------------------------------------------
@@ -83,6 +85,61 @@ def _registered(registry):
         return value
 
     return check
+
+
+def _non_negative_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(owner, name, value, "an integer >= 0")
+    return value
+
+
+def _int_or_pair(optional=False):
+    """A positive int, or a pair of them (a JSON list becomes a tuple)."""
+
+    def check(owner, name, value):
+        if value is None and optional:
+            return value
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+            if len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                return value
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        _fail(owner, name, value, "a positive integer or a pair of them" + (" or None" if optional else ""))
+
+    return check
+
+
+def _optional_one_of(choices):
+    def check(owner, name, value):
+        if value is not None and value not in choices:
+            _fail(owner, name, value, f"one of {list(choices)} or None")
+        return value
+
+    return check
+
+
+def _json_dict(owner, name, value):
+    import json
+
+    if value is None:
+        return value
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        _fail(owner, name, value, "a dict with string keys or None")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        _fail(owner, name, value, "a JSON-serialisable dict (numbers, strings, lists, dicts)")
+    return dict(value)
+
+
+def _routing_levels(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value != MAX_ROUTING_LEVELS:
+        _fail(
+            owner, name, value,
+            "2 (two-level routing: groups, then experts inside them; deeper routing trees are not implemented)",
+        )
+    return value
 
 
 def _activation(owner, name, value):
@@ -177,16 +234,55 @@ class ExpertConfig(_CheckedConfig):
         activation: Activation of the "mlp" variant (any Keras activation name).
         dropout_rate: Dropout on the expert's hidden activations, in training only.
         use_bias: Whether expert matmuls add a bias.
+        num_heads: Attention experts: query heads per expert (None: 8, or fewer so that
+            it divides hidden_dim).
+        head_dim: Attention experts: width of each head (None: hidden_dim // num_heads).
+        filters: Conv experts: output channels (None: `output_dim`, else hidden_dim).
+        kernel_size: Conv experts: kernel size, an int or (kh, kw) (None: 3).
+        strides: Conv experts: strides, an int or (sh, sw) (None: 1).
+        padding: Conv experts: "same" or "valid" (None: "same").
+        expert_kwargs: Plug-in experts (`dl_moe.experts.register_expert` with a
+            `BaseExpert` subclass): keyword arguments of the user's constructor, a
+            JSON-serialisable dict; each of the E experts is `cls(**expert_kwargs)`.
+
+    Type-specific fields (`num_heads` ... `expert_kwargs`) must stay None unless the
+    registered expert type reads them (its class lists them in `config_fields`).
+    `hidden_dim=None` means "the last axis of the first input", resolved when the layer
+    is built.
     """
 
     expert_type: str = _field("ffn", _registered(EXPERT_TYPES))
-    hidden_dim: int = _field(768, _positive_int())
+    hidden_dim: Optional[int] = _field(768, _positive_int(optional=True))
     output_dim: Optional[int] = _field(None, _positive_int(optional=True))
     intermediate_size: Optional[int] = _field(None, _positive_int(optional=True))
     ffn_type: str = _field("mlp", _one_of(FFN_TYPES))
     activation: str = _field("gelu", _activation)
     dropout_rate: float = _field(0.0, _probability)
     use_bias: bool = _field(True, _boolean)
+    num_heads: Optional[int] = _field(None, _positive_int(optional=True))
+    head_dim: Optional[int] = _field(None, _positive_int(optional=True))
+    filters: Optional[int] = _field(None, _positive_int(optional=True))
+    kernel_size: Optional[object] = _field(None, _int_or_pair(optional=True))
+    strides: Optional[object] = _field(None, _int_or_pair(optional=True))
+    padding: Optional[str] = _field(None, _optional_one_of(CONV_PADDINGS))
+    expert_kwargs: Optional[dict] = _field(None, _json_dict)
+
+    TYPE_SPECIFIC_FIELDS = ("num_heads", "head_dim", "filters", "kernel_size", "strides", "padding", "expert_kwargs")
+
+    def validate(self):
+        _load_builtins()
+        cls = EXPERT_TYPES.get(self.expert_type)
+        allowed = getattr(cls, "config_fields", ())
+        for name in self.TYPE_SPECIFIC_FIELDS:
+            value = getattr(self, name)
+            if value is not None and name not in allowed:
+                readers = [t for t in EXPERT_TYPES.names() if name in getattr(EXPERT_TYPES.get(t), "config_fields", ())]
+                raise ValueError(
+                    f"ExpertConfig.{name}={value!r} is only used by expert_type in {readers}, "
+                    f"got expert_type={self.expert_type!r}."
+                )
+        if hasattr(cls, "validate_expert_config"):
+            cls.validate_expert_config(self)
 
     @property
     def resolved_intermediate_size(self):
@@ -197,6 +293,61 @@ class ExpertConfig(_CheckedConfig):
     def resolved_output_dim(self):
         """`output_dim`, with None resolved to `hidden_dim`."""
         return self.output_dim or self.hidden_dim
+
+
+BALANCING_MODES = ("aux_loss", "aux_free", "none")
+
+
+def _unit_interval(open_low=False, optional=False):
+    """A number in [0, 1] ((0, 1] when `open_low`), optionally None."""
+
+    def check(owner, name, value):
+        if value is None and optional:
+            return value
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or value > 1 or value < 0 or (open_low and value == 0):
+            interval = "(0, 1]" if open_low else "[0, 1]"
+            _fail(owner, name, value, f"a number in {interval}" + (" or None" if optional else ""))
+        return float(value)
+
+    return check
+
+
+def _optional_non_negative_float(owner, name, value):
+    return value if value is None else _non_negative_float(owner, name, value)
+
+
+def _at_least_one(optional=False):
+    def check(owner, name, value):
+        if value is None and optional:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1:
+            _fail(owner, name, value, "a finite number >= 1" + (" or None" if optional else ""))
+        return float(value)
+
+    return check
+
+
+def _ensemble_members(owner, name, value):
+    """None, or a non-empty list of member dicts: GatingConfig fields plus "weight"."""
+    if value is None:
+        return value
+    allowed = "a non-empty list of dicts such as {'gating_type': 'linear', 'weight': 1.0}"
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail(owner, name, value, allowed)
+    members = []
+    for member in value:
+        if not isinstance(member, dict) or "gating_type" not in member:
+            _fail(owner, name, value, allowed + " (each with a 'gating_type')")
+        member = dict(member)
+        weight = member.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            _fail(owner, f"{name}[...]['weight']", weight, "a finite number >= 0")
+        member["weight"] = float(weight)
+        members.append(member)
+    if sum(m["weight"] for m in members) <= 0:
+        _fail(owner, name, value, "members whose weights sum to more than 0")
+    return members
 
 
 @dataclasses.dataclass
@@ -219,6 +370,45 @@ class GatingConfig(_CheckedConfig):
         learnable_temperature: Cosine and Soft MoE routers learn their logit scale.
         num_slots: Soft MoE slots per expert (None: ceil(sequence_length / num_experts)).
         normalize_top_k: Renormalise the selected top-k weights to sum to 1 (Mixtral).
+            Dynamic-k routers renormalise over their active experts.
+        balancing: "aux_loss" (Switch loss weighted by `aux_loss_weight`), "aux_free"
+            (DeepSeek-V3: a per-expert bias, non-trainable router state, is added to the
+            scores for expert *selection only* and updated in every training call by
+            `bias_update_rate * sign(mean load - load_e)`; no Switch loss) or "none"
+            (no Switch loss, no bias). `z_loss_weight`, `importance_loss_weight` and
+            `entropy_loss_weight` apply in every mode.
+        bias_update_rate: gamma of "aux_free" balancing (per training step).
+        importance_loss_weight: Weight of the importance CV^2 loss (Shazeer et al. 2017)
+            on the per-expert sum of routing weights (0 disables it).
+        entropy_loss_weight: Weight of the router entropy loss mean(-sum p log p), which
+            keeps a router from going flat (None: 1e-4 for "top_p", else 0).
+
+    Router-specific fields (None unless the router reads them; a router class lists
+    the ones it reads in `config_fields`):
+
+        top_p_threshold: "top_p": keep experts, most probable first, while the
+            probability mass before them is below this (None: 0.4).
+        max_experts: Most experts per token of dynamic-k routers (None: num_experts for
+            "top_p" and "top_any", min(4, num_experts) for "conditional"/"confidence").
+        min_experts: Fewest experts per token of "conditional"/"confidence" (None: 1).
+        threshold_low, threshold_high: "conditional": predicted difficulty (in [0, 1])
+            at or below `threshold_low` uses `min_experts`, at or above `threshold_high`
+            uses `max_experts`, linear in between (None: 0.3 and 0.7).
+        difficulty_loss_weight: "conditional": weight of the regression loss that
+            trains the difficulty head toward the router's normalised entropy
+            (None: 0.01).
+        layer_depth_scale: "confidence": multiplies the complexity score before k is
+            derived (clipped to [0, 1]); e.g. 1 + 0.5 * depth / num_layers gives deeper
+            layers more experts (None: 1.0).
+        bidirectional_strength: "resonance": share beta of the expert->token affinity
+            in the blend (None: 0.5).
+        ensemble_members: "ensemble": list of member routers, each a dict of
+            GatingConfig fields (at least `gating_type`) plus an optional `weight`
+            (default 1). Members inherit `top_k` unless they set it.
+        expected_experts: Dynamic-k routers: the average experts per token the expert
+            capacity is sized for, C = ceil(cf * T * expected_experts / E) (None: the
+            router's default, see its `expected_k`). Set it to a measured
+            `avg_experts_per_token` to shrink the expert buffers.
     """
 
     gating_type: str = _field("linear", _registered(GATING_TYPES))
@@ -233,6 +423,72 @@ class GatingConfig(_CheckedConfig):
     learnable_temperature: bool = _field(True, _boolean)
     num_slots: Optional[int] = _field(None, _positive_int(optional=True))
     normalize_top_k: bool = _field(False, _boolean)
+    balancing: str = _field("aux_loss", _one_of(BALANCING_MODES))
+    bias_update_rate: float = _field(1e-3, _positive_float())
+    importance_loss_weight: float = _field(0.0, _non_negative_float)
+    entropy_loss_weight: Optional[float] = _field(None, _optional_non_negative_float)
+    top_p_threshold: Optional[float] = _field(None, _unit_interval(open_low=True, optional=True))
+    max_experts: Optional[int] = _field(None, _positive_int(optional=True))
+    min_experts: Optional[int] = _field(None, _positive_int(optional=True))
+    threshold_low: Optional[float] = _field(None, _unit_interval(optional=True))
+    threshold_high: Optional[float] = _field(None, _unit_interval(optional=True))
+    difficulty_loss_weight: Optional[float] = _field(None, _optional_non_negative_float)
+    layer_depth_scale: Optional[float] = _field(None, _positive_float(optional=True))
+    bidirectional_strength: Optional[float] = _field(None, _unit_interval(optional=True))
+    ensemble_members: Optional[list] = _field(None, _ensemble_members)
+    expected_experts: Optional[float] = _field(None, _at_least_one(optional=True))
+
+    ROUTER_SPECIFIC_FIELDS = (
+        "top_p_threshold", "max_experts", "min_experts", "threshold_low", "threshold_high",
+        "difficulty_loss_weight", "layer_depth_scale", "bidirectional_strength",
+        "ensemble_members", "expected_experts",
+    )
+
+    def validate(self):
+        _load_builtins()
+        cls = GATING_TYPES.get(self.gating_type)
+        allowed = getattr(cls, "config_fields", ())
+        for name in self.ROUTER_SPECIFIC_FIELDS:
+            value = getattr(self, name)
+            if value is not None and name not in allowed:
+                readers = [t for t in GATING_TYPES.names() if name in getattr(GATING_TYPES.get(t), "config_fields", ())]
+                raise ValueError(
+                    f"GatingConfig.{name}={value!r} is only used by gating_type in {readers}, "
+                    f"got gating_type={self.gating_type!r}."
+                )
+        low = 0.3 if self.threshold_low is None else self.threshold_low
+        high = 0.7 if self.threshold_high is None else self.threshold_high
+        if low >= high:
+            raise ValueError(
+                f"GatingConfig.threshold_low must be < threshold_high, got threshold_low={low!r}, "
+                f"threshold_high={high!r}."
+            )
+        if self.min_experts is not None and self.max_experts is not None and self.min_experts > self.max_experts:
+            raise ValueError(
+                f"GatingConfig.min_experts must be <= max_experts, got min_experts={self.min_experts!r}, "
+                f"max_experts={self.max_experts!r}."
+            )
+        if hasattr(cls, "validate_gating_config"):
+            cls.validate_gating_config(self)
+
+    def validate_for_layer(self, moe_config):
+        """Rules that involve the layer (`num_experts`, routing kind)."""
+        _load_builtins()
+        num_experts = moe_config.num_experts
+        for name in ("max_experts", "min_experts", "expected_experts"):
+            value = getattr(self, name)
+            if value is not None and value > num_experts:
+                raise ValueError(
+                    f"GatingConfig.{name} must be at most num_experts={num_experts}, got {value!r}."
+                )
+        cls = GATING_TYPES.get(self.gating_type)
+        if self.balancing == "aux_free" and not getattr(cls, "supports_bias_balancing", False):
+            raise ValueError(
+                f"GatingConfig.balancing='aux_free' needs a router that selects experts by score "
+                f"(not {self.gating_type!r}); use 'none' or 'aux_loss'."
+            )
+        if hasattr(cls, "validate_for_layer"):
+            cls.validate_for_layer(moe_config)
 
 
 @dataclasses.dataclass
@@ -257,6 +513,19 @@ class MoEConfig(_CheckedConfig):
         dropless_block_size: Rows per block in dropless mode (None: chosen from T*k/E).
             Each expert's group is padded to a multiple of it, so at most
             E * (block - 1) padding rows are computed.
+        hierarchical_routing: Two-level routing: a group router picks `top_k_groups` of
+            `num_expert_groups` groups of consecutive experts, then an expert router picks
+            `top_k` experts inside the chosen groups (p(e) = p(group) * p(e | group)).
+            Uses the `gating_type` router class for both levels; token-choice only.
+        num_routing_levels: Levels of the routing tree; only 2 (groups, then experts) is
+            implemented, so any other value is a `ValueError`.
+        num_expert_groups: Hierarchical routing: number of expert groups (must divide
+            num_experts; None: the divisor closest to sqrt(num_experts) that leaves room
+            for top_k experts).
+        top_k_groups: Hierarchical routing: groups chosen per token (default 1).
+        num_shared_experts: DeepSeekMoE shared experts: every token also goes through a
+            dense FFN equal to this many FFN experts (hidden width
+            num_shared_experts * intermediate_size), added to the routed output. 0 disables.
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -269,6 +538,11 @@ class MoEConfig(_CheckedConfig):
     jitter_noise: float = _field(0.0, _probability)
     routing_dtype: str = _field("float32", _one_of(ROUTING_DTYPES))
     dropless_block_size: Optional[int] = _field(None, _positive_int(optional=True))
+    hierarchical_routing: bool = _field(False, _boolean)
+    num_routing_levels: int = _field(2, _routing_levels)
+    num_expert_groups: Optional[int] = _field(None, _positive_int(optional=True))
+    top_k_groups: int = _field(1, _positive_int())
+    num_shared_experts: int = _field(0, _non_negative_int)
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):
@@ -287,6 +561,70 @@ class MoEConfig(_CheckedConfig):
                 f"GatingConfig.top_k must be between 1 and num_experts={self.num_experts}, "
                 f"got {top_k}."
             )
+        self.expert_config.validate()
+        self.gating_config.validate()
+        self.gating_config.validate_for_layer(self)
+        self._validate_catalog()
+
+    def _validate_catalog(self):
+        """Rules tying hierarchical routing and shared experts to the expert/router types."""
+        _load_builtins()
+        gating_cls = GATING_TYPES.get(self.gating_config.gating_type)
+        expert_cls = EXPERT_TYPES.get(self.expert_config.expert_type)
+        soft = getattr(gating_cls, "routing_kind", "token_choice") == "soft"
+        layout = getattr(expert_cls, "token_layout", "token")
+        if soft and layout != "token":
+            raise ValueError(
+                f"GatingConfig.gating_type={self.gating_config.gating_type!r} mixes tokens into "
+                f"slots and needs experts whose tokens are positions of [..., d]; got "
+                f"expert_type={self.expert_config.expert_type!r}."
+            )
+        if self.num_shared_experts and layout == "example":
+            raise ValueError(
+                f"MoEConfig.num_shared_experts must be 0 for expert_type="
+                f"{self.expert_config.expert_type!r} (shared experts are FFNs over [..., d] "
+                f"tokens), got {self.num_shared_experts}."
+            )
+        if not self.hierarchical_routing:
+            if self.num_expert_groups is not None or self.top_k_groups != 1:
+                raise ValueError(
+                    "MoEConfig.num_expert_groups / top_k_groups are only used with "
+                    f"hierarchical_routing=True, got num_expert_groups={self.num_expert_groups!r}, "
+                    f"top_k_groups={self.top_k_groups!r}."
+                )
+            return
+        if soft:
+            raise ValueError(
+                "MoEConfig.hierarchical_routing=True needs a token-choice router, got "
+                f"gating_type={self.gating_config.gating_type!r}."
+            )
+        self.resolved_num_expert_groups  # raises when no grouping fits
+
+    @property
+    def resolved_num_expert_groups(self):
+        """Number of expert groups of hierarchical routing (see `num_expert_groups`)."""
+        experts, top_k, per_token = self.num_experts, self.gating_config.top_k, self.top_k_groups
+
+        def fits(groups):
+            return experts % groups == 0 and per_token <= groups and top_k <= per_token * (experts // groups)
+
+        if self.num_expert_groups is not None:
+            groups = self.num_expert_groups
+            if not 2 <= groups <= experts or not fits(groups):
+                raise ValueError(
+                    f"MoEConfig.num_expert_groups must be a divisor of num_experts={experts} in "
+                    f"[2, {experts}] with top_k_groups={per_token} <= groups and top_k={top_k} <= "
+                    f"top_k_groups * group size, got {groups}."
+                )
+            return groups
+        candidates = [g for g in range(2, experts + 1) if fits(g)]
+        if not candidates:
+            raise ValueError(
+                f"MoEConfig.hierarchical_routing=True: no number of groups >= 2 divides "
+                f"num_experts={experts} with top_k={top_k} <= top_k_groups={per_token} * group "
+                f"size and top_k_groups <= groups; change num_experts, top_k or top_k_groups."
+            )
+        return min(candidates, key=lambda g: (abs(g - math.sqrt(experts)), g))
 
     def capacity_factor(self, training):
         """The capacity factor in force for `training` (bool)."""

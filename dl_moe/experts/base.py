@@ -5,6 +5,20 @@ An expert bank holds all E experts of a layer and processes dispatched buffers
 mode G = E and group g is expert g (`group_expert=None`); in dropless mode groups are
 fixed-size blocks and `group_expert [G]` says which expert owns each. A bank never
 sees the routing decision itself.
+
+How the layer turns its input into tokens is the bank class's `token_layout`:
+
+* "token" (FFN, plug-in experts): every position of `[..., d]` is a token; rows are
+  `[G, R, d]`.
+* "sequence" (attention experts): inputs are `[B, S, d]`; tokens are the B*S
+  positions, and the bank needs per-sequence context (shared keys/values). The layer
+  calls `context = bank.prepare_context(inputs, mask)` once on the whole `[B, S, d]`
+  input, then `bank(rows, group_expert=..., context=context, row_token=slot_token)`,
+  where `row_token [G, R]` is the flat token index b*S + s of each row (T for an empty
+  row). A bank whose `prepare_context` returns None is called without these two.
+* "example" (conv experts): every example `[B, ...]` is one token with its whole
+  feature map; rows are `[G, R, ...]` and the router sees
+  `bank.router_inputs(tokens) [T, d]` (e.g. pooled features).
 """
 
 import keras
@@ -19,7 +33,34 @@ class ExpertBank(keras.layers.Layer):
 
     Subclasses implement `call(inputs, group_expert=None, training=None)` mapping
     `[G, R, ...in]` to `[G, R, ...out]`, and `compute_output_shape`.
+
+    Class attributes:
+        token_layout: "token", "sequence" or "example" (see the module docstring).
+        input_rank: The layer input's required rank, or None for any rank >= 2.
+        config_fields: The type-specific `ExpertConfig` fields the bank reads; setting
+            any other type-specific field is a `ValueError`.
     """
+
+    token_layout = "token"
+    input_rank = None
+    config_fields = ()
+
+    def prepare_context(self, inputs, mask=None):
+        """Per-call context computed once from the layer's whole input (default: None).
+
+        Args:
+            inputs: The layer input, e.g. `[B, S, d]`.
+            mask: Optional boolean mask of the input's leading axes.
+
+        Returns:
+            Anything the bank's `call` accepts as `context`, or None (then `call` gets
+            neither `context` nor `row_token`).
+        """
+        return None
+
+    def router_inputs(self, tokens):
+        """What the router sees for tokens `[T, ...]`: here the tokens themselves `[T, d]`."""
+        return tokens
 
     def __init__(self, num_experts, **kwargs):
         super().__init__(**kwargs)
