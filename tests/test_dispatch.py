@@ -1,0 +1,97 @@
+"""The dispatch plans, checked row by row against a loop over assignments."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from dl_moe import dispatch
+from tests import reference
+
+
+def numpy_of(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def random_routing(num_tokens, top_k, num_experts, seed, inactive=0.2):
+    rng = np.random.default_rng(seed)
+    indices = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(num_tokens)]).astype("int32")
+    active = rng.random((num_tokens, top_k)) >= inactive
+    return indices, active
+
+
+def rows_by_expert(plan, num_tokens):
+    """{expert: [tokens in row order]} from a plan's slot_token / group_expert."""
+    slot_token = numpy_of(plan.slot_token)
+    groups = np.arange(slot_token.shape[0]) if plan.group_expert is None else numpy_of(plan.group_expert)
+    result = {}
+    for g, expert in enumerate(groups):
+        result.setdefault(int(expert), []).extend(int(t) for t in slot_token[g] if t < num_tokens)
+    return result
+
+
+def expected_rows(indices, active, num_experts, cap):
+    kept, _ = reference.assign_with_capacity(indices, active, num_experts, cap)
+    rows = {}
+    for j in range(indices.shape[1]):
+        for t in range(indices.shape[0]):
+            if kept[t, j]:
+                rows.setdefault(int(indices[t, j]), []).append(t)
+    return rows, kept
+
+
+@pytest.mark.parametrize("num_tokens, top_k, num_experts, cap", [(37, 2, 5, 8), (64, 1, 4, 16), (20, 3, 6, 8)])
+def test_capacity_plan_matches_priority_loop(num_tokens, top_k, num_experts, cap):
+    indices, active = random_routing(num_tokens, top_k, num_experts, seed=num_tokens)
+    plan = dispatch.plan_capacity_dispatch(
+        ops.convert_to_tensor(indices), ops.convert_to_tensor(active), num_experts, cap
+    )
+    rows, kept = expected_rows(indices, active, num_experts, cap)
+    got = rows_by_expert(plan, num_tokens)
+    assert {e: r for e, r in got.items() if r} == rows
+    np.testing.assert_array_equal(numpy_of(plan.kept), kept)
+    assert numpy_of(plan.slot_token).shape == (num_experts, cap)
+    load = np.array([np.sum((indices == e) & active) for e in range(num_experts)])
+    np.testing.assert_array_equal(numpy_of(plan.routed_per_expert), load)
+    np.testing.assert_array_equal(numpy_of(plan.processed_per_expert), np.minimum(load, cap))
+
+
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("num_tokens, top_k, num_experts", [(37, 2, 5), (64, 1, 4), (9, 3, 6)])
+def test_dropless_plan_keeps_everything_within_the_static_bound(num_tokens, top_k, num_experts, block):
+    indices, active = random_routing(num_tokens, top_k, num_experts, seed=block + num_tokens)
+    plan = dispatch.plan_dropless_dispatch(
+        ops.convert_to_tensor(indices), ops.convert_to_tensor(active), num_experts, block
+    )
+    rows, kept = expected_rows(indices, active, num_experts, cap=None)
+    got = rows_by_expert(plan, num_tokens)
+    assert {e: r for e, r in got.items() if r} == rows
+    np.testing.assert_array_equal(numpy_of(plan.kept), active)
+    slot_token = numpy_of(plan.slot_token)
+    assert slot_token.shape[1] == block
+    assert slot_token.size <= num_tokens * top_k + num_experts * (block - 1)
+    # Every assignment's slot is a row that holds its token, owned by its expert.
+    slots = numpy_of(plan.assignment_slot)
+    owners = numpy_of(plan.group_expert)
+    for t, j in zip(*np.nonzero(active)):
+        g, r = divmod(int(slots[t, j]), block)
+        assert slot_token[g, r] == t and owners[g] == indices[t, j]
+
+
+def test_dispatch_and_combine_round_trip_with_feature_axes():
+    indices, active = random_routing(12, 2, 3, seed=1, inactive=0.0)
+    plan = dispatch.plan_dropless_dispatch(ops.convert_to_tensor(indices), ops.convert_to_tensor(active), 3, 8)
+    tokens = np.random.default_rng(2).normal(size=(12, 2, 3)).astype("float32")
+    buffers = dispatch.dispatch(ops.convert_to_tensor(tokens), plan)
+    assert tuple(buffers.shape)[1:] == (8, 2, 3)
+    weights = np.full((12, 2), 0.5, "float32")
+    out = numpy_of(dispatch.combine(buffers, plan, ops.convert_to_tensor(weights)))
+    np.testing.assert_allclose(out, tokens, atol=1e-6)
+
+
+def test_expert_capacity_rounds_up_to_multiple_of_eight():
+    assert dispatch.expert_capacity(4096, 2, 8, 1.0) == 1024
+    assert dispatch.expert_capacity(4096, 2, 8, 1.25) == 1280
+    assert dispatch.expert_capacity(100, 1, 8, 1.0) == 16  # ceil(12.5) = 13 -> 16
+    assert dispatch.expert_capacity(4, 1, 8, 1.0) == 8
+    dynamic = dispatch.dynamic_expert_capacity(ops.convert_to_tensor(100), 1, 8, 1.0)
+    assert int(numpy_of(dynamic)) == 16
