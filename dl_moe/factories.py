@@ -58,3 +58,99 @@ def create_ffn_moe(
         **overrides,
     )
     return MixtureOfExperts(config, name=name)
+
+
+def create_attention_moe(
+    num_experts=8,
+    hidden_dim=768,
+    num_heads=12,
+    top_k=2,
+    gating_type="cosine",
+    head_dim=None,
+    name=None,
+    **overrides,
+):
+    """A `MixtureOfExperts` of attention experts (Mixture of Attention heads).
+
+    Inputs are `[B, S, hidden_dim]`. Keys/values are shared by all experts; each expert
+    has its own `num_heads` query heads and output projection (see
+    `dl_moe.experts.AttentionExpertBank`).
+
+    Args:
+        num_experts: Number of experts E.
+        hidden_dim: Input width d.
+        num_heads: Query heads per expert.
+        top_k: Experts per token.
+        gating_type: Router type.
+        head_dim: Width of each head (None: hidden_dim // num_heads).
+        name: Layer name.
+        **overrides: Any other field of `MoEConfig`, `ExpertConfig` or `GatingConfig`.
+
+    Returns:
+        An unbuilt `MixtureOfExperts`.
+
+    Raises:
+        ValueError: For an unknown override key or an invalid value.
+    """
+    config = build_config(
+        base_moe={"num_experts": num_experts},
+        base_expert={"expert_type": "attention", "hidden_dim": hidden_dim, "num_heads": num_heads, "head_dim": head_dim},
+        base_gating={"gating_type": gating_type, "top_k": top_k},
+        owner="create_attention_moe",
+        **overrides,
+    )
+    return MixtureOfExperts(config, name=name)
+
+
+def create_conv_moe(
+    num_experts=8,
+    filters=256,
+    kernel_size=3,
+    top_k=1,
+    gating_type="linear",
+    strides=1,
+    padding="same",
+    hidden_dim=None,
+    name=None,
+    **overrides,
+):
+    """A `MixtureOfExperts` of 2-D convolution experts, routed per example.
+
+    Inputs are `[B, H, W, C]`, outputs `[B, H', W', filters]`. The router sees each
+    example's globally average-pooled features `[B, C]` and sends the whole example to
+    its k experts (see `dl_moe.experts.Conv2DExpertBank`).
+
+    Args:
+        num_experts: Number of experts E.
+        filters: Output channels of each expert.
+        kernel_size: int or (kh, kw).
+        top_k: Experts per example.
+        gating_type: Router type (token-choice).
+        strides: int or (sh, sw).
+        padding: "same" or "valid".
+        hidden_dim: Input channels C (None: taken from the input when built).
+        name: Layer name.
+        **overrides: Any other field of `MoEConfig`, `ExpertConfig` or `GatingConfig`
+            (e.g. `activation="relu"`).
+
+    Returns:
+        An unbuilt `MixtureOfExperts`.
+
+    Raises:
+        ValueError: For an unknown override key or an invalid value.
+    """
+    config = build_config(
+        base_moe={"num_experts": num_experts},
+        base_expert={
+            "expert_type": "conv2d",
+            "hidden_dim": hidden_dim,
+            "filters": filters,
+            "kernel_size": kernel_size,
+            "strides": strides,
+            "padding": padding,
+        },
+        base_gating={"gating_type": gating_type, "top_k": top_k},
+        owner="create_conv_moe",
+        **overrides,
+    )
+    return MixtureOfExperts(config, name=name)
