@@ -99,9 +99,11 @@ class PerExpertBank(ExpertBank):
 
     def build(self, input_shape):
         d = input_shape[-1]
+        probe = ops.zeros((1, d), dtype=self.compute_dtype)
         for expert in self.expert_layers:
-            # A symbolic call builds the expert and any sub-layers it creates lazily.
-            expert(keras.KerasTensor((1, d), dtype=self.compute_dtype))
+            # One real call builds the expert and any sub-layers it creates lazily (a
+            # symbolic call would stop at a user-defined compute_output_shape).
+            expert(probe)
         self.built = True
 
     def _run(self, expert, rows, training):
