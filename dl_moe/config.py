@@ -391,9 +391,10 @@ class GatingConfig(_CheckedConfig):
         max_experts: Most experts per token of dynamic-k routers (None: num_experts for
             "top_p" and "top_any", min(4, num_experts) for "conditional"/"confidence").
         min_experts: Fewest experts per token of "conditional"/"confidence" (None: 1).
-        threshold_low, threshold_high: "conditional": predicted difficulty (in [0, 1])
-            at or below `threshold_low` uses `min_experts`, at or above `threshold_high`
-            uses `max_experts`, linear in between (None: 0.3 and 0.7).
+        threshold_low: "conditional": a predicted difficulty (in [0, 1]) at or below it
+            uses `min_experts` (None: 0.3); k is linear in the difficulty up to
+        threshold_high: "conditional": a difficulty at or above it uses `max_experts`
+            (None: 0.7). Must exceed `threshold_low`.
         difficulty_loss_weight: "conditional": weight of the regression loss that
             trains the difficulty head toward the router's normalised entropy
             (None: 0.01).

@@ -228,3 +228,54 @@ def combine(expert_outputs, plan, weights):
     for _ in feature_shape:
         weights = ops.expand_dims(weights, -1)
     return ops.sum(gathered * weights, axis=1)
+
+
+def plan_expert_choice_dispatch(token_index, num_tokens, num_experts):
+    """Plan for expert-choice routing: expert e computes the tokens it picked.
+
+    Args:
+        token_index: `[E, C]` int token picked by each expert slot, `num_tokens` (T)
+            for an empty slot.
+        num_tokens: T (a Python int or a scalar tensor).
+        num_experts: E.
+
+    Returns:
+        A `DispatchPlan` with `slot_token = token_index` (G = E groups of R = C rows,
+        group g is expert g). Its `assignment_slot` is None: combine with
+        `combine_expert_choice`, which scatters rows back to tokens.
+    """
+    filled = ops.cast(token_index < num_tokens, "int32")  # [E, C]
+    counts = ops.sum(filled, axis=1)  # [E]
+    del num_experts  # G = E is implied by token_index
+    return DispatchPlan(
+        slot_token=ops.cast(token_index, "int32"),
+        assignment_slot=None,
+        group_expert=None,
+        routed_per_expert=counts,
+        processed_per_expert=counts,
+    )
+
+
+def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
+    """Scatter-adds weighted expert rows back to their tokens.
+
+    Args:
+        expert_outputs: `[E, C, ...]` outputs of the expert bank.
+        plan: The plan of `plan_expert_choice_dispatch`.
+        slot_weights: `[E, C]` weight of each row (0 for an empty slot).
+        num_tokens: T.
+
+    Returns:
+        `(outputs [T, ...], experts_per_token [T] int32)`: out[t] = sum over the slots
+        (e, c) that picked t of slot_weights[e, c] * expert_outputs[e, c].
+    """
+    feature_shape = tuple(expert_outputs.shape[2:])
+    rows = ops.reshape(expert_outputs, (-1,) + feature_shape)  # [E*C, ...]
+    weights = ops.cast(ops.reshape(slot_weights, (-1,)), rows.dtype)
+    for _ in feature_shape:
+        weights = ops.expand_dims(weights, -1)
+    target = ops.expand_dims(ops.reshape(plan.slot_token, (-1,)), -1)  # [E*C, 1]; T = empty
+    padded_shape = (num_tokens + 1,) + tuple(ops.shape(expert_outputs)[2:])
+    outputs = ops.scatter(target, rows * weights, padded_shape)[:num_tokens]
+    hits = ops.scatter(target, ops.ones_like(target[:, 0]), (num_tokens + 1,))[:num_tokens]
+    return outputs, hits

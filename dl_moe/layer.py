@@ -9,7 +9,8 @@ from keras import ops
 from dl_moe import dispatch as dispatch_lib
 from dl_moe.config import MoEConfig
 from dl_moe.experts.ffn import FFNExpertBank
-from dl_moe.losses import load_balancing_loss, router_z_loss
+from dl_moe.gating.base import call_router
+from dl_moe.losses import importance_loss, load_balancing_loss, router_entropy_loss, router_z_loss
 from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 
 # Capacity used when the token count is only known at run time (TF graphs with an
@@ -134,6 +135,8 @@ class MixtureOfExperts(keras.layers.Layer):
         self.dropped_tokens = stat("dropped_tokens")
         self.last_aux_loss = stat("last_aux_loss")
         self.last_z_loss = stat("last_z_loss")
+        self.last_importance_loss = stat("last_importance_loss")
+        self.last_entropy_loss = stat("last_entropy_loss")
         self.built = True
 
     # ------------------------------------------------------------------- call
@@ -141,6 +144,8 @@ class MixtureOfExperts(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         if self.is_soft:
             return self._call_soft(inputs, training, mask)
+        if self._gating_cls.routing_kind == "expert_choice":
+            return self._call_expert_choice(inputs, training, mask)
         return self._call_token_choice(inputs, training, mask)
 
     def _call_token_choice(self, inputs, training, mask):
@@ -160,7 +165,7 @@ class MixtureOfExperts(keras.layers.Layer):
         token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
 
         # Route.
-        weights, indices, info = self._route(self.experts.router_inputs(tokens), training)  # [T, k], [T, k]
+        weights, indices, info = self._route(self.experts.router_inputs(tokens), training, token_mask)  # [T, k]
         active = info.get("active")
         active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
         if token_mask is not None:
@@ -186,7 +191,48 @@ class MixtureOfExperts(keras.layers.Layer):
             outputs = outputs + ops.where(dropped, tokens, ops.zeros_like(tokens))
         outputs = self._add_shared_experts(tokens, outputs, training)
 
-        self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training)
+        self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training, weights=weights, indices=indices)
+        outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
+        return self._zero_masked(outputs, mask)
+
+    def _call_expert_choice(self, inputs, training, mask):
+        """Expert choice: each expert computes exactly the C tokens it picked."""
+        hidden_dim = self.config.expert_config.hidden_dim
+        if self.experts.token_layout == "example":
+            if mask is not None:
+                raise ValueError(
+                    f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
+                    "and does not take a Keras mask."
+                )
+            leading_shape = ops.shape(inputs)[:1]
+            tokens = inputs  # [T = B, ...]
+        else:
+            leading_shape = ops.shape(inputs)[:-1]
+            tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
+        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
+        num_tokens = dispatch_lib.static_dim(tokens, 0)
+
+        # Route: slot_weights / token_index [E, C] (T marks an empty slot).
+        slot_weights, token_index, info = call_router(
+            self.gating_network, self.experts.router_inputs(tokens), training=training, mask=token_mask
+        )
+        plan = dispatch_lib.plan_expert_choice_dispatch(token_index, num_tokens, self.config.num_experts)
+        expert_inputs = dispatch_lib.dispatch(tokens, plan)  # [E, C, d]
+        context = self.experts.prepare_context(inputs, mask)
+        extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
+        expert_outputs = self.experts(expert_inputs, group_expert=None, training=training, **extra)
+        outputs, hits = dispatch_lib.combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens)
+
+        # A token no expert picked is treated like a fully dropped one.
+        unrouted = hits == 0  # [T]
+        if token_mask is not None:
+            unrouted = unrouted & token_mask
+        if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):
+            unrouted_rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))
+            outputs = outputs + ops.where(unrouted_rows, tokens, ops.zeros_like(tokens))
+        outputs = self._add_shared_experts(tokens, outputs, training)
+
+        self._add_losses_and_stats(info, plan, token_mask, unrouted, training)
         outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
         return self._zero_masked(outputs, mask)
 
@@ -239,10 +285,13 @@ class MixtureOfExperts(keras.layers.Layer):
 
     # ---------------------------------------------------------------- helpers
 
-    def _route(self, tokens, training):
-        """Runs the router and normalises its answer to `[T, k]` weights and indices."""
-        weights, indices, info = self.gating_network(tokens, training=training)
-        info = dict(info or {})
+    def _route(self, tokens, training, token_mask=None):
+        """Runs the router and normalises its answer to `[T, k]` weights and indices.
+
+        Routers whose `call` takes a `mask` (e.g. "resonance", "conditional") get the
+        token mask `[T]`.
+        """
+        weights, indices, info = call_router(self.gating_network, tokens, training=training, mask=token_mask)
         num_experts = self.config.num_experts
         if indices is None:
             # Dense [T, E] weights: keep the top_k largest.
@@ -263,7 +312,11 @@ class MixtureOfExperts(keras.layers.Layer):
     def _plan(self, indices, active, training):
         num_experts = self.config.num_experts
         num_tokens = dispatch_lib.static_dim(indices, 0)
-        top_k = indices.shape[-1]
+        # Buffers are sized for the router's average experts per token: `expected_k` is
+        # top_k for fixed-k routers and smaller than the k_max slots of dynamic-k ones
+        # (their inactive slots take no capacity), so a router averaging 1.3 experts
+        # gets C = ceil(cf * T * 1.3 / E) rows per expert, not the k_max bound.
+        top_k = min(getattr(self.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
         if not self.config.drop_tokens:
             if isinstance(num_tokens, int):
                 block = dispatch_lib.dropless_block_size(
@@ -285,11 +338,22 @@ class MixtureOfExperts(keras.layers.Layer):
             return ops.cast(ops.shape(per_token)[0], "float32")
         return ops.sum(ops.cast(token_weight, "float32"))
 
-    def _add_losses_and_stats(self, info, plan, token_mask, fully_dropped, training):
+    def _add_losses_and_stats(self, info, plan, token_mask, fully_dropped, training, weights=None, indices=None):
+        """Balancing losses (training only), aux-free bias update and statistics.
+
+        `weights`/`indices` `[T, k]` (token-choice routing) feed the importance loss.
+        """
         probs = info.get("raw_gate_probs")
         logits = info.get("gate_logits")
         gating = self.config.gating_config
-        if training and probs is not None and gating.aux_loss_weight > 0:
+        token_choice = self.gating_network.routing_kind == "token_choice"
+        if training:
+            self._add_router_losses(probs, weights, indices, token_mask)
+            if gating.balancing == "aux_free" and hasattr(self.gating_network, "update_expert_bias"):
+                # DeepSeek-V3: this batch's load moves the selection bias used from the next
+                # step on. A variable assignment, so it is carried by every backend's fit.
+                self.gating_network.update_expert_bias(plan.routed_per_expert)
+        if training and probs is not None and gating.aux_loss_weight > 0 and gating.balancing == "aux_loss" and token_choice:
             aux_loss = load_balancing_loss(probs, plan.routed_per_expert, token_mask)
             self.add_loss(gating.aux_loss_weight * aux_loss)
             self.last_aux_loss.assign(ops.cast(ops.stop_gradient(aux_loss), "float32"))
@@ -300,6 +364,22 @@ class MixtureOfExperts(keras.layers.Layer):
         dropped = ops.cast(fully_dropped, "float32")
         num_tokens = self._count_tokens(dropped, token_mask)
         self._update_stats(plan.routed_per_expert, plan.processed_per_expert, num_tokens, ops.sum(dropped))
+
+    def _add_router_losses(self, probs, weights, indices, token_mask):
+        """Importance CV^2 and entropy losses, each with its own weight (training only)."""
+        gating = self.config.gating_config
+        importance_weight = gating.importance_loss_weight
+        if importance_weight > 0 and weights is not None and indices is not None:
+            loss = importance_loss(weights, indices, self.config.num_experts, token_mask)
+            self.add_loss(importance_weight * loss)
+            self.last_importance_loss.assign(ops.cast(ops.stop_gradient(loss), "float32"))
+        entropy_weight = gating.entropy_loss_weight
+        if entropy_weight is None:
+            entropy_weight = getattr(self.gating_network, "default_entropy_loss_weight", 0.0)
+        if entropy_weight > 0 and probs is not None:
+            loss = router_entropy_loss(probs, token_mask)
+            self.add_loss(entropy_weight * loss)
+            self.last_entropy_loss.assign(ops.cast(ops.stop_gradient(loss), "float32"))
 
     def _update_stats(self, routed, processed, num_tokens, dropped_tokens):
         as_stat = lambda x: ops.stop_gradient(ops.cast(x, "float32"))  # noqa: E731
@@ -335,7 +415,9 @@ class MixtureOfExperts(keras.layers.Layer):
             `avg_experts_per_token`, `dropped_fraction` (share of routed assignments not
             computed), `dropped_token_fraction` (share of tokens with every assignment
             dropped), `load_cv` (coefficient of variation of the per-expert load),
-            `tokens` and, when computed in training, the unscaled `aux_loss`/`z_loss`.
+            `tokens`, when computed in training the unscaled `aux_loss`, `z_loss`,
+            `importance_loss`, `entropy_loss`, and with `balancing="aux_free"` the
+            router's current `expert_bias` (numpy `[E]`).
         """
         routed = np.asarray(ops.convert_to_numpy(self.routed_tokens_per_expert), dtype="float64")
         processed = np.asarray(ops.convert_to_numpy(self.processed_tokens_per_expert), dtype="float64")
@@ -350,7 +432,77 @@ class MixtureOfExperts(keras.layers.Layer):
             "tokens": tokens,
             "aux_loss": float(ops.convert_to_numpy(self.last_aux_loss)),
             "z_loss": float(ops.convert_to_numpy(self.last_z_loss)),
+            "importance_loss": float(ops.convert_to_numpy(self.last_importance_loss)),
+            "entropy_loss": float(ops.convert_to_numpy(self.last_entropy_loss)),
+            **self._bias_stats(),
         }
+
+    def _bias_stats(self):
+        bias = getattr(self.gating_network, "selection_bias", lambda: None)()
+        return {} if bias is None else {"expert_bias": np.asarray(ops.convert_to_numpy(bias), dtype="float64")}
+
+    def route(self, inputs, training=False, mask=None):
+        """The routing decision for `inputs`, for inspection and plots (eager only).
+
+        Runs only the router: no expert, no loss, no statistics or bias update.
+
+        Args:
+            inputs: `[..., d]` tokens (for "example"-layout experts `[B, ...]`).
+            training: Route as in training (noise, no top-any fallback).
+            mask: Optional boolean mask of the leading axes.
+
+        Returns:
+            dict of numpy arrays over the T flattened tokens:
+            * token-choice routers: `indices [T, k]`, `weights [T, k]`, `active [T, k]`
+              (False for unused dynamic-k slots and masked tokens) and `probs [T, E]`;
+            * "expert_choice": the same with k = E (`indices[t, e] = e`, `active[t, e]`:
+              expert e picked token t), plus `expert_tokens [E, C]` (T = empty slot);
+            * "softmoe": `weights`/`probs` `[B, S, E]` (combine weight per expert).
+        """
+        if not self.built:
+            self.build(tuple(inputs.shape))
+        to_numpy = lambda x: np.asarray(ops.convert_to_numpy(x))  # noqa: E731
+        if self.is_soft:
+            groups = inputs if len(inputs.shape) > 2 else ops.expand_dims(inputs, 0)
+            group_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), ops.shape(groups)[:2])
+            _, _, info = self.gating_network(groups, training=training, mask=group_mask)
+            probs = to_numpy(info["raw_gate_probs"])
+            return {"weights": probs, "probs": probs}
+        if self.experts.token_layout == "example":
+            tokens = inputs
+        else:
+            tokens = ops.reshape(inputs, (-1, self.config.expert_config.hidden_dim))
+        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
+        router_inputs = self.experts.router_inputs(tokens)
+        if self.gating_network.routing_kind == "expert_choice":
+            slot_weights, token_index, info = call_router(
+                self.gating_network, router_inputs, training=training, mask=token_mask
+            )
+            num_tokens, num_experts = int(tokens.shape[0]), self.config.num_experts
+            token_index, slot_weights = to_numpy(token_index), to_numpy(slot_weights)
+            weights = np.zeros((num_tokens + 1, num_experts), dtype=slot_weights.dtype)
+            for expert in range(num_experts):
+                weights[token_index[expert], expert] = slot_weights[expert]
+            active = np.zeros((num_tokens + 1, num_experts), dtype=bool)
+            for expert in range(num_experts):
+                active[token_index[expert], expert] = True
+            return {
+                "indices": np.tile(np.arange(num_experts, dtype="int32"), (num_tokens, 1)),
+                "weights": weights[:num_tokens],
+                "active": active[:num_tokens],
+                "probs": to_numpy(info["raw_gate_probs"]),
+                "expert_tokens": token_index,
+            }
+        weights, indices, info = self._route(router_inputs, training, token_mask)
+        active = info.get("active")
+        active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
+        if token_mask is not None:
+            active = active & ops.expand_dims(token_mask, -1)
+        weights = ops.where(active, weights, ops.zeros_like(weights))
+        decision = {"indices": to_numpy(indices), "weights": to_numpy(weights), "active": to_numpy(active)}
+        if info.get("raw_gate_probs") is not None:
+            decision["probs"] = to_numpy(info["raw_gate_probs"])
+        return decision
 
     def reset_routing_stats(self):
         """Clears the accumulated routing statistics."""
@@ -361,6 +513,8 @@ class MixtureOfExperts(keras.layers.Layer):
             self.dropped_tokens,
             self.last_aux_loss,
             self.last_z_loss,
+            self.last_importance_loss,
+            self.last_entropy_loss,
         ):
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 

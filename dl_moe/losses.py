@@ -47,3 +47,50 @@ def router_z_loss(router_logits, token_weight=None):
     """
     z = ops.logsumexp(router_logits, axis=-1)  # [T]
     return _masked_mean(ops.square(z), token_weight)
+
+
+def importance_loss(expert_weights, expert_indices, num_experts, token_weight=None):
+    """Importance loss of Shazeer et al. 2017: CV^2 of the per-expert routing weight.
+
+    importance_e = sum over tokens and choices of the weight given to expert e; the loss
+    is Var(importance) / Mean(importance)^2 (population variance), 0 when every expert
+    receives the same total weight. The gradient flows through the weights.
+
+    Args:
+        expert_weights: `[T, k]` routing weights (zero for inactive assignments).
+        expert_indices: `[T, k]` int experts of those weights.
+        num_experts: E.
+        token_weight: `[T]` 1 for real tokens, 0 for padding (None: all real).
+
+    Returns:
+        Scalar loss.
+    """
+    weights = expert_weights
+    if token_weight is not None:
+        weights = weights * ops.expand_dims(ops.cast(token_weight, weights.dtype), -1)
+    one_hot = ops.one_hot(ops.cast(expert_indices, "int32"), num_experts, dtype=weights.dtype)  # [T, k, E]
+    importance = ops.sum(one_hot * ops.expand_dims(weights, -1), axis=(0, 1))  # [E]
+    return coefficient_of_variation_squared(importance)
+
+
+def coefficient_of_variation_squared(values, epsilon=1e-10):
+    """Var(values) / (Mean(values)^2 + epsilon) over a 1-D tensor."""
+    mean = ops.mean(values)
+    return ops.mean(ops.square(values - mean)) / (ops.square(mean) + epsilon)
+
+
+def router_entropy_loss(router_probs, token_weight=None, epsilon=1e-9):
+    """Mean over tokens of the router entropy -sum_e p_e log p_e (nats).
+
+    Minimising it sharpens the router (used with top-p routing, whose number of
+    experts grows as the distribution flattens).
+
+    Args:
+        router_probs: `[T, E]` router probabilities.
+        token_weight: `[T]` 1 for real tokens, 0 for padding (None: all real).
+
+    Returns:
+        Scalar loss.
+    """
+    entropy = -ops.sum(router_probs * ops.log(router_probs + epsilon), axis=-1)  # [T]
+    return _masked_mean(entropy, token_weight)

@@ -12,7 +12,19 @@ A router maps tokens `[..., d]` to a routing decision and never runs experts. It
   weights in `info["dispatch_weights"]` (see `SoftMoEGating`).
 
 `info` may also carry `active [..., k]` (bool) for routers whose number of experts
-varies per token: inactive slots cost nothing and take no capacity.
+varies per token: inactive slots cost nothing and take no capacity. Such routers
+return k = their most experts per token and expose `expected_k`, the average the
+layer sizes expert capacity for (C = ceil(cf * T * expected_k / E)).
+
+Expert-choice routers (`routing_kind = "expert_choice"`) return
+`(weights [E, C], token_indices [E, C], info)`: the tokens each expert picked.
+
+Auxiliary-loss-free balancing (DeepSeek-V3): with `use_expert_bias=True` the router
+holds a non-trainable per-expert bias b `[E]` that is added to the scores for
+*selection only* (`select_top_k(..., bias=self.selection_bias())`); the layer calls
+`update_expert_bias(load)` in every training call, b_e += rate * sign(mean(load) -
+load_e). The bias is a variable the trainer carries, so this works in every backend's
+`fit` (including JAX's stateless train step).
 """
 
 import keras
@@ -37,8 +49,21 @@ class BaseGating(keras.layers.Layer):
     """
 
     routing_kind = "token_choice"
+    # GatingConfig router-specific fields this router reads (others must stay None).
+    config_fields = ()
+    # The router selects experts by per-expert scores, so "aux_free" balancing applies.
+    supports_bias_balancing = False
 
-    def __init__(self, num_experts, top_k=1, jitter_noise=0.0, seed=None, **kwargs):
+    def __init__(
+        self,
+        num_experts,
+        top_k=1,
+        jitter_noise=0.0,
+        seed=None,
+        use_expert_bias=False,
+        bias_update_rate=1e-3,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}.")
@@ -51,6 +76,51 @@ class BaseGating(keras.layers.Layer):
         self.jitter_noise = float(jitter_noise)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.use_expert_bias = bool(use_expert_bias)
+        self.bias_update_rate = float(bias_update_rate)
+        if self.use_expert_bias:
+            # Created here (its shape is known) so that every subclass gets it.
+            self.expert_bias = self.add_weight(
+                name="expert_bias",
+                shape=(num_experts,),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+
+    @property
+    def expected_k(self):
+        """Average experts per token that expert capacity is sized for (here: top_k)."""
+        return self.top_k
+
+    @staticmethod
+    def common_kwargs(config, name=None):
+        """Constructor arguments every built-in router reads from a `MoEConfig`."""
+        gating = config.gating_config
+        return {
+            "num_experts": config.num_experts,
+            "jitter_noise": config.jitter_noise,
+            "use_expert_bias": gating.balancing == "aux_free",
+            "bias_update_rate": gating.bias_update_rate,
+            "dtype": config.routing_dtype,
+            "name": name,
+        }
+
+    def selection_bias(self):
+        """The aux-free balancing bias `[E]` (float32), or None when it is off."""
+        return self.expert_bias if self.use_expert_bias else None
+
+    def update_expert_bias(self, load):
+        """b_e += rate * sign(mean(load) - load_e), from this call's per-expert load `[E]`.
+
+        Called by `MixtureOfExperts` in training; a no-op without `use_expert_bias`.
+        """
+        if not self.use_expert_bias:
+            return
+        load = ops.stop_gradient(ops.cast(load, "float32"))
+        step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
+        self.expert_bias.assign(self.expert_bias + step)
 
     @classmethod
     def from_moe_config(cls, config, name=None):
@@ -59,13 +129,11 @@ class BaseGating(keras.layers.Layer):
         Built-in routers override this to read their own `GatingConfig` fields; a user
         router gets `num_experts`, `top_k`, `jitter_noise` and the routing dtype.
         """
-        return cls(
-            num_experts=config.num_experts,
-            top_k=config.gating_config.top_k,
-            jitter_noise=config.jitter_noise,
-            dtype=config.routing_dtype,
-            name=name,
-        )
+        kwargs = cls.common_kwargs(config, name)
+        if not cls.supports_bias_balancing:
+            kwargs.pop("use_expert_bias")
+            kwargs.pop("bias_update_rate")
+        return cls(top_k=config.gating_config.top_k, **kwargs)
 
     def build(self, input_shape):
         self.router_kernel = self.add_weight(
@@ -99,23 +167,44 @@ class BaseGating(keras.layers.Layer):
                 "top_k": self.top_k,
                 "jitter_noise": self.jitter_noise,
                 "seed": self.seed,
+                "use_expert_bias": self.use_expert_bias,
+                "bias_update_rate": self.bias_update_rate,
             }
         )
         return config
 
 
-def select_top_k(probs, top_k, normalize):
+def select_top_k(probs, top_k, normalize, bias=None):
     """Top-k selection shared by the probability-based routers.
 
     Args:
         probs: Router probabilities `[..., E]`.
         top_k: Number of experts to keep.
         normalize: Renormalise the kept weights to sum to 1.
+        bias: Optional `[E]` aux-free balancing bias added to `probs` for the
+            selection only; the weights stay the unbiased probabilities.
 
     Returns:
         `(weights [..., k], indices [..., k] int32)`, best expert first.
     """
-    weights, indices = ops.top_k(probs, top_k)
+    if bias is None:
+        weights, indices = ops.top_k(probs, top_k)
+    else:
+        _, indices = ops.top_k(probs + ops.cast(bias, probs.dtype), top_k)
+        weights = ops.take_along_axis(probs, indices, axis=-1)
     if normalize:
         weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)
     return weights, ops.cast(indices, "int32")
+
+
+def call_router(router, inputs, training=None, mask=None):
+    """Calls `router`, passing the token mask `[T]` only to routers whose `call` takes one.
+
+    Returns:
+        `(weights, indices, info)` with `info` a dict.
+    """
+    if mask is not None and getattr(router, "_call_has_mask_arg", False):
+        weights, indices, info = router(inputs, training=training, mask=mask)
+    else:
+        weights, indices, info = router(inputs, training=training)
+    return weights, indices, dict(info or {})

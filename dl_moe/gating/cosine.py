@@ -36,6 +36,8 @@ class CosineGating(BaseGating):
         seed: Seed of the noise generator.
     """
 
+    supports_bias_balancing = True
+
     def __init__(
         self,
         num_experts,
@@ -60,15 +62,12 @@ class CosineGating(BaseGating):
     def from_moe_config(cls, config, name=None):
         gating = config.gating_config
         return cls(
-            num_experts=config.num_experts,
             top_k=gating.top_k,
             embedding_dim=gating.embedding_dim or min(config.expert_config.hidden_dim, 256),
             temperature=gating.temperature or 0.07,
             learnable_temperature=gating.learnable_temperature,
             normalize_top_k=gating.normalize_top_k,
-            jitter_noise=config.jitter_noise,
-            dtype=config.routing_dtype,
-            name=name,
+            **cls.common_kwargs(config, name),
         )
 
     def build(self, input_shape):
@@ -100,7 +99,7 @@ class CosineGating(BaseGating):
     def call(self, inputs, training=None):
         logits = self.compute_gate_logits(self.apply_jitter(inputs, training))
         probs = ops.softmax(logits, axis=-1)
-        weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k)
+        weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k, bias=self.selection_bias())
         return weights, indices, {"gate_logits": logits, "raw_gate_probs": probs}
 
     def get_config(self):

@@ -32,6 +32,8 @@ class LinearGating(BaseGating):
     (the probabilities the selection used).
     """
 
+    supports_bias_balancing = True
+
     def __init__(
         self,
         num_experts,
@@ -54,15 +56,12 @@ class LinearGating(BaseGating):
     def from_moe_config(cls, config, name=None):
         gating = config.gating_config
         return cls(
-            num_experts=config.num_experts,
             top_k=gating.top_k,
             temperature=gating.temperature or 1.0,
             normalize_top_k=gating.normalize_top_k,
             add_noise=gating.add_noise,
             noise_std=gating.noise_std,
-            jitter_noise=config.jitter_noise,
-            dtype=config.routing_dtype,
-            name=name,
+            **cls.common_kwargs(config, name),
         )
 
     def build(self, input_shape):
@@ -83,7 +82,7 @@ class LinearGating(BaseGating):
             noise = keras.random.normal(ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator)
             selection_logits = logits + noise * noise_scale
         probs = ops.softmax(selection_logits, axis=-1)
-        weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k)
+        weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k, bias=self.selection_bias())
         return weights, indices, {"gate_logits": logits, "raw_gate_probs": probs}
 
     def get_config(self):

@@ -1,0 +1,53 @@
+"""Helpers shared by the dynamic-k routers (a per-token number of experts).
+
+A dynamic-k router ranks the experts of every token, keeps a per-token prefix of the
+ranking and returns `[T, K]` weights and indices (K = its most experts per token) plus
+`info["active"] [T, K]`: slot j of token t is used iff `active[t, j]`. Inactive slots
+carry weight 0, take no expert capacity and cost no expert FLOPs.
+"""
+
+import math
+
+from keras import ops
+
+
+def first_slots_active(counts, max_k):
+    """`[T, K]` bool with the first `counts[t]` slots of token t active.
+
+    Args:
+        counts: `[T]` number of experts per token (any numeric dtype).
+        max_k: K, a Python int.
+    """
+    slots = ops.arange(max_k, dtype="int32")  # [K]
+    return ops.expand_dims(slots, 0) < ops.expand_dims(ops.cast(counts, "int32"), -1)
+
+
+def finish_weights(weights, active, normalize):
+    """Zeroes inactive slots; with `normalize`, rescales the active weights to sum to 1."""
+    weights = ops.where(active, weights, ops.zeros_like(weights))
+    if normalize:
+        weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)
+    return weights
+
+
+def normalized_entropy(probs, epsilon=1e-9):
+    """Entropy of `probs [..., E]` divided by log(E), in [0, 1] (0 when E == 1)."""
+    num_experts = probs.shape[-1]
+    if num_experts is None or num_experts < 2:
+        return ops.zeros_like(probs[..., 0])
+    entropy = -ops.sum(probs * ops.log(probs + epsilon), axis=-1)
+    return entropy / math.log(num_experts)
+
+
+def interpolate_count(score, min_k, max_k):
+    """`min_k + round(score * (max_k - min_k))` for `score` in [0, 1] (half to even)."""
+    score = ops.clip(score, 0.0, 1.0)
+    return ops.cast(min_k + ops.round(score * float(max_k - min_k)), "int32")
+
+
+def validate_count_range(owner, min_k, max_k, num_experts):
+    if not 1 <= min_k <= max_k <= num_experts:
+        raise ValueError(
+            f"{owner}: need 1 <= min_experts <= max_experts <= num_experts={num_experts}, "
+            f"got min_experts={min_k!r}, max_experts={max_k!r}."
+        )

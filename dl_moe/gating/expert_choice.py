@@ -1,0 +1,105 @@
+"""Expert-choice router (Zhou et al. 2022): every expert picks its top tokens."""
+
+import math
+
+import keras
+from keras import ops
+
+from dl_moe.gating.base import BaseGating
+
+DEFAULT_CAPACITY_FACTOR = 1.0
+
+
+def expert_choice_capacity(num_tokens, capacity_factor, num_experts):
+    """Tokens per expert C = ceil(T * c / E), at least 1 and at most T.
+
+    `num_tokens` is a Python int, or a scalar tensor when T is only known at run time.
+    """
+    if isinstance(num_tokens, int):
+        return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts)))
+    tokens = ops.cast(num_tokens, "float32")
+    capacity = ops.cast(ops.ceil(tokens * capacity_factor / num_experts), "int32")
+    return ops.maximum(1, ops.minimum(ops.cast(num_tokens, "int32"), capacity))
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class ExpertChoiceGating(BaseGating):
+    """p = softmax(x W / temperature) over experts; expert e takes the C tokens with the
+    highest p[:, e], C = ceil(T * c / E) with c = `capacity_factor`.
+
+    Every expert processes exactly C tokens (loads are equal by construction, nothing
+    is dropped, no balancing loss is needed); a token is processed by 0..E experts, on
+    average c, each weighted by its p. Masked tokens are never picked (an expert picks
+    fewer than C tokens only when fewer than C tokens are unmasked). Not causal: the
+    choice depends on the other tokens of the call.
+
+    Args:
+        num_experts: E.
+        capacity_factor: c, the average number of experts per token.
+        temperature: Divides the logits.
+        **kwargs: `BaseGating` arguments.
+
+    Call takes `(inputs [T, d], mask [T] or None)` and returns
+    `(weights [E, C], token_index [E, C] int32, info)`: the tokens each expert picked
+    (T for an empty slot, weight 0) with `info` keys `gate_logits [T, E]` and
+    `raw_gate_probs [T, E]`.
+    """
+
+    routing_kind = "expert_choice"
+
+    def __init__(self, num_experts, capacity_factor=DEFAULT_CAPACITY_FACTOR, temperature=1.0, **kwargs):
+        kwargs.pop("top_k", None)
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor!r}.")
+        super().__init__(num_experts, 1, **kwargs)
+        self.capacity_factor = float(capacity_factor)
+        self.temperature = float(temperature)
+        self.supports_masking = True  # the mask is an explicit call argument
+
+    @classmethod
+    def from_moe_config(cls, config, name=None):
+        gating = config.gating_config
+        kwargs = cls.common_kwargs(config, name)
+        kwargs.pop("use_expert_bias")
+        kwargs.pop("bias_update_rate")
+        return cls(
+            capacity_factor=gating.capacity_factor or DEFAULT_CAPACITY_FACTOR,
+            temperature=gating.temperature or 1.0,
+            **kwargs,
+        )
+
+    @classmethod
+    def validate_for_layer(cls, moe_config):
+        if getattr(moe_config, "hierarchical_routing", False):
+            raise ValueError(
+                "MoEConfig.hierarchical_routing=True needs a token-choice router, got gating_type='expert_choice'."
+            )
+
+    @property
+    def expected_k(self):
+        return min(self.capacity_factor, self.num_experts)
+
+    def capacity(self, num_tokens):
+        return expert_choice_capacity(num_tokens, self.capacity_factor, self.num_experts)
+
+    def call(self, inputs, training=None, mask=None):
+        logits = self.compute_gate_logits(self.apply_jitter(inputs, training)) / self.temperature  # [T, E]
+        probs = ops.softmax(logits, axis=-1)
+        num_tokens = inputs.shape[0] if inputs.shape[0] is not None else ops.shape(inputs)[0]
+        scores = probs
+        if mask is not None:
+            # p is in [0, 1], so a masked token (score -1) is picked only into slots
+            # that no unmasked token can fill; those slots are emptied below.
+            scores = ops.where(ops.expand_dims(ops.cast(mask, "bool"), -1), probs, -1.0)
+        picked, token_index = ops.top_k(ops.transpose(scores), self.capacity(num_tokens))  # [E, C]
+        token_index = ops.cast(token_index, "int32")
+        valid = picked >= 0
+        weights = ops.where(valid, picked, ops.zeros_like(picked))
+        token_index = ops.where(valid, token_index, ops.cast(num_tokens, "int32"))
+        return weights, token_index, {"gate_logits": logits, "raw_gate_probs": probs}
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("top_k")
+        config.update({"capacity_factor": self.capacity_factor, "temperature": self.temperature})
+        return config
