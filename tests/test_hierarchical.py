@@ -72,8 +72,5 @@ def test_seed_config_and_validation():
         MoEConfig(num_experts=8, hierarchical_routing=True, gating_config={"gating_type": "softmoe"})
 
 
-@pytest.mark.parametrize("gating_type,drop_tokens", [("linear", True), ("cosine", False)])
-def test_layer_checks(gating_type, drop_tokens, tmp_path):
-    run_moe_layer_checks(
-        lambda: make_layer(gating_type=gating_type, drop_tokens=drop_tokens, hidden_dim=8), (6, 8), tmp_path
-    )
+def test_layer_checks(tmp_path):
+    run_moe_layer_checks(lambda: make_layer(gating_type="cosine", drop_tokens=False, hidden_dim=8), (6, 8), tmp_path)
