@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from dl_moe import create_conv_moe
 
 
-def main(num_experts=4, filters=16, epochs=5, max_examples=None, verbose=1):
+def main(num_experts=4, filters=16, epochs=6, max_examples=None, verbose=1):
     digits = load_digits()
     x = (digits.images / 16.0).astype("float32")[..., None]  # [N, 8, 8, 1]
     y = digits.target
@@ -27,12 +27,12 @@ def main(num_experts=4, filters=16, epochs=5, max_examples=None, verbose=1):
     inputs = keras.Input(shape=(8, 8, 1))
     h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
     h = conv_moe(h)  # [B, 8, 8, filters]
-    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Flatten()(h)
     outputs = keras.layers.Dense(10)(h)
     model = keras.Model(inputs, outputs)
-    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    history = model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=verbose)
+    history = model.fit(x_train, y_train, epochs=epochs, batch_size=32, verbose=verbose)
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
 
     # Which expert does each class go to? (router on the MoE layer's pooled input)
