@@ -527,6 +527,10 @@ class MoEConfig(_CheckedConfig):
         num_shared_experts: DeepSeekMoE shared experts: every token also goes through a
             dense FFN equal to this many FFN experts (hidden width
             num_shared_experts * intermediate_size), added to the routed output. 0 disables.
+        expert_parallel: Constrain the `[E, C, d]` capacity-mode dispatch buffers to the
+            mesh axis that shards the expert weights (see `dl_moe.distribution`), so
+            XLA moves tokens to their experts' devices with an all-to-all. Has an
+            effect only under a `keras.distribution` that shards the experts.
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -544,6 +548,7 @@ class MoEConfig(_CheckedConfig):
     num_expert_groups: Optional[int] = _field(None, _positive_int(optional=True))
     top_k_groups: int = _field(1, _positive_int())
     num_shared_experts: int = _field(0, _non_negative_int)
+    expert_parallel: bool = _field(False, _boolean)
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):

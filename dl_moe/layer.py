@@ -8,6 +8,7 @@ from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
 from dl_moe.config import MoEConfig
+from dl_moe.distribution import constrain_to_expert_axis
 from dl_moe.experts.ffn import FFNExpertBank
 from dl_moe.gating.base import call_router
 from dl_moe.losses import importance_loss, load_balancing_loss, router_entropy_loss, router_z_loss
@@ -174,7 +175,7 @@ class MixtureOfExperts(keras.layers.Layer):
 
         # Dispatch.
         plan = self._plan(indices, active, training)
-        expert_inputs = dispatch_lib.dispatch(tokens, plan)  # [G, R, d]
+        expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
 
         # Experts (a bank with per-call context, e.g. shared attention keys/values, also
         # learns which token fills each row).
@@ -217,7 +218,7 @@ class MixtureOfExperts(keras.layers.Layer):
             self.gating_network, self.experts.router_inputs(tokens), training=training, mask=token_mask
         )
         plan = dispatch_lib.plan_expert_choice_dispatch(token_index, num_tokens, self.config.num_experts)
-        expert_inputs = dispatch_lib.dispatch(tokens, plan)  # [E, C, d]
+        expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [E, C, d]
         context = self.experts.prepare_context(inputs, mask)
         extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
         expert_outputs = self.experts(expert_inputs, group_expert=None, training=training, **extra)
@@ -235,6 +236,12 @@ class MixtureOfExperts(keras.layers.Layer):
         self._add_losses_and_stats(info, plan, token_mask, unrouted, training)
         outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
         return self._zero_masked(outputs, mask)
+
+    def _place_on_expert_devices(self, expert_inputs, plan):
+        """With `expert_parallel`, shards `[E, C, ...]` buffers like the expert weights."""
+        if not self.config.expert_parallel or plan.group_expert is not None:
+            return expert_inputs  # dropless blocks are not indexed by expert
+        return constrain_to_expert_axis(expert_inputs, self.experts.trainable_weights[0])
 
     def _add_shared_experts(self, tokens, outputs, training):
         """outputs `[T, o]` + the shared experts' output on every token `[T, d]`."""
