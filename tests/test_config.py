@@ -65,8 +65,15 @@ def test_invalid_fields_name_field_value_and_allowed(factory, field, value, allo
 
 
 def test_unknown_type_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"\['cosine', 'linear', 'softmoe'"):
+    from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
+
+    with pytest.raises(ValueError) as error:
         GatingConfig(gating_type="nope")
+    assert str(GATING_TYPES.names()) in str(error.value)
+    assert {"linear", "cosine", "softmoe"} <= set(GATING_TYPES.names())
+    with pytest.raises(ValueError) as error:
+        ExpertConfig(expert_type="nope")
+    assert str(EXPERT_TYPES.names()) in str(error.value)
 
 
 def test_top_k_must_not_exceed_num_experts():
