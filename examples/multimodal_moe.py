@@ -28,8 +28,9 @@ def build_model(hidden_dim, num_experts, text_len, num_patches, patch_dim, vocab
     text_tokens = keras.layers.Embedding(vocab, hidden_dim)(text_in)
     image_tokens = keras.layers.Dense(hidden_dim)(image_in)
     modality = keras.layers.Embedding(2, hidden_dim, name="modality_embedding")
-    text_tokens = text_tokens + modality(keras.ops.zeros((1, text_len), "int32"))
-    image_tokens = image_tokens + modality(keras.ops.ones((1, num_patches), "int32"))
+    # Modality ids derived from the inputs, so they stay part of the graph.
+    text_tokens = text_tokens + modality(keras.ops.zeros_like(text_in))
+    image_tokens = image_tokens + modality(keras.ops.ones_like(keras.ops.cast(image_in[..., 0], "int32")))
     tokens = keras.layers.Concatenate(axis=1, name="tokens")([text_tokens, image_tokens])
 
     multimodal_config = MoEConfig(

@@ -73,4 +73,4 @@ def test_seed_config_and_validation():
 
 
 def test_layer_checks(tmp_path):
-    run_moe_layer_checks(lambda: make_layer(gating_type="cosine", drop_tokens=False, hidden_dim=8), (6, 8), tmp_path)
+    run_moe_layer_checks(lambda: make_layer(hidden_dim=8), (6, 8), tmp_path)
