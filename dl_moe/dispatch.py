@@ -14,6 +14,10 @@ with priority = choice * T + token: every token's first choice goes before any s
 choice, then earlier tokens first. Keys are unique, so the order (and therefore which
 assignments a full expert drops) is the same on every backend, whatever the stability
 of its sort. Everything is gathers with static shapes, so it compiles under XLA.
+
+The plan holds the map in both directions (row → assignment and assignment → row),
+so `dispatch` and `combine` also differentiate with gathers: the gradient of a
+gather is normally a scatter-add, which is several times slower on CPU.
 """
 
 import math
@@ -35,6 +39,9 @@ class DispatchPlan(NamedTuple):
         group_expert: `[G]` int32 expert of each group, or None when group g is expert g.
         routed_per_expert: `[E]` int32 active assignments per expert (before dropping).
         processed_per_expert: `[E]` int32 assignments per expert that were computed.
+        slot_assignment: `[G, R]` int32 flat assignment (`choice * T + token`) computed
+            by each row, T*k for an empty row; None when rows are not token-choice
+            assignments (then `dispatch` differentiates by plain autodiff).
     """
 
     slot_token: object
@@ -42,6 +49,7 @@ class DispatchPlan(NamedTuple):
     group_expert: Optional[object]
     routed_per_expert: object
     processed_per_expert: object
+    slot_assignment: Optional[object] = None
 
     @property
     def kept(self):
@@ -139,13 +147,14 @@ def plan_capacity_dispatch(expert_index, active, num_experts, capacity):
     source = ops.expand_dims(starts[:-1], 1) + ops.expand_dims(row, 0)  # [E, C]
     filled = ops.expand_dims(row, 0) < ops.expand_dims(counts, 1)
     num_assignments = num_tokens * top_k
-    slot_token = ops.where(filled, ops.take(sorted_token, ops.minimum(source, num_assignments - 1)), num_tokens)
+    slot_assignment = ops.where(filled, ops.take(order, ops.minimum(source, num_assignments - 1)), num_assignments)
     return DispatchPlan(
-        slot_token=slot_token,
+        slot_token=ops.where(filled, slot_assignment % num_tokens, num_tokens),
         assignment_slot=assignment_slot,
         group_expert=None,
         routed_per_expert=counts,
         processed_per_expert=ops.minimum(counts, capacity),
+        slot_assignment=slot_assignment,
     )
 
 
@@ -190,22 +199,61 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     filled = (offset < ops.expand_dims(ops.take(counts, group_expert), 1)) & (offset >= 0)
     source = ops.expand_dims(ops.take(starts, group_expert), 1) + offset
     source = ops.clip(source, 0, num_assignments - 1)
-    slot_token = ops.where(filled, ops.take(sorted_token, source), num_tokens)
+    slot_assignment = ops.where(filled, ops.take(order, source), num_assignments)
     return DispatchPlan(
-        slot_token=slot_token,
+        slot_token=ops.where(filled, slot_assignment % num_tokens, num_tokens),
         assignment_slot=assignment_slot,
         group_expert=group_expert,
         routed_per_expert=counts,
         processed_per_expert=counts,
+        slot_assignment=slot_assignment,
     )
 
 
+def _append_zero_row(x):
+    """`[n, ...]` → `[n + 1, ...]`: index n then reads zeros."""
+    return ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)
+
+
+def _upstream(args, upstream):
+    # keras.ops.custom_gradient passes the cotangent positionally on JAX and TF and as
+    # `upstream=` (after the saved inputs) on torch.
+    return args[0] if upstream is None else upstream
+
+
+def _broadcast_weights(weights, rank):
+    """`[...]` weights → `[..., 1, ..., 1]` to multiply values of `rank` more axes."""
+    for _ in range(rank):
+        weights = ops.expand_dims(weights, -1)
+    return weights
+
+
 def dispatch(tokens, plan):
-    """Gathers tokens `[T, ...]` into expert buffers `[G, R, ...]` (empty rows are 0)."""
-    padded = ops.concatenate([tokens, ops.zeros_like(tokens[:1])], axis=0)  # [T + 1, ...]
-    rows = ops.take(padded, ops.reshape(plan.slot_token, (-1,)), axis=0)
+    """Gathers tokens `[T, ...]` into expert buffers `[G, R, ...]` (empty rows are 0).
+
+    With a token-choice plan the gradient is a gather too: token t collects the
+    gradient of the (at most k) rows that hold it through `assignment_slot`.
+    """
     group_shape = (static_dim(plan.slot_token, 0), static_dim(plan.slot_token, 1))
-    return ops.reshape(rows, group_shape + tuple(tokens.shape[1:]))
+    feature_shape = tuple(tokens.shape[1:])
+    flat_slots = ops.reshape(plan.slot_token, (-1,))
+
+    def gather(values):
+        return ops.reshape(ops.take(_append_zero_row(values), flat_slots, axis=0), group_shape + feature_shape)
+
+    if plan.slot_assignment is None:
+        return gather(tokens)
+
+    @ops.custom_gradient
+    def gather_with_gather_gradient(values):
+        def grad(*args, upstream=None):
+            rows = ops.reshape(_upstream(args, upstream), (-1,) + feature_shape)  # [G*R, ...]
+            per_assignment = ops.take(_append_zero_row(rows), plan.assignment_slot, axis=0)  # [T, k, ...]
+            return ops.sum(per_assignment, axis=1)
+
+        return gather(values), grad
+
+    return gather_with_gather_gradient(tokens)
 
 
 def combine(expert_outputs, plan, weights):
@@ -218,16 +266,41 @@ def combine(expert_outputs, plan, weights):
 
     Returns:
         `[T, ...]`: sum_j weights[t, j] * output of assignment (t, j); dropped or
-        inactive assignments contribute zero.
+        inactive assignments contribute zero. The gradient w.r.t. the expert outputs
+        is a gather through `slot_token` / `slot_assignment`, not a scatter.
     """
     feature_shape = tuple(expert_outputs.shape[2:])
-    rows = ops.reshape(expert_outputs, (-1,) + feature_shape)
-    rows = ops.concatenate([rows, ops.zeros_like(rows[:1])], axis=0)  # [G*R + 1, ...]
-    gathered = ops.take(rows, plan.assignment_slot, axis=0)  # [T, k, ...]
-    weights = ops.cast(weights, gathered.dtype)
-    for _ in feature_shape:
-        weights = ops.expand_dims(weights, -1)
-    return ops.sum(gathered * weights, axis=1)
+    rank = len(feature_shape)
+
+    def gather_assignments(outputs):
+        rows = _append_zero_row(ops.reshape(outputs, (-1,) + feature_shape))  # [G*R + 1, ...]
+        return ops.take(rows, plan.assignment_slot, axis=0)  # [T, k, ...]
+
+    def weighted_sum(gathered, w):
+        return ops.sum(gathered * _broadcast_weights(ops.cast(w, gathered.dtype), rank), axis=1)
+
+    if plan.slot_assignment is None:
+        return weighted_sum(gather_assignments(expert_outputs), weights)
+
+    @ops.custom_gradient
+    def combine_with_gather_gradient(outputs, w):
+        gathered = gather_assignments(outputs)
+
+        def grad(*args, upstream=None):
+            upstream = _upstream(args, upstream)  # [T, ...]
+            # d/d weights[t, j] = <upstream[t], output of assignment (t, j)>.
+            products = gathered * ops.expand_dims(upstream, 1)
+            grad_weights = ops.cast(ops.sum(ops.reshape(products, ops.shape(products)[:2] + (-1,)), axis=-1), w.dtype)
+            # d/d row r = weight of the row's assignment * upstream of the row's token.
+            flat_weights = _append_zero_row(ops.reshape(ops.transpose(ops.cast(w, upstream.dtype)), (-1,)))
+            row_weights = ops.take(flat_weights, plan.slot_assignment, axis=0)  # [G, R]
+            row_upstream = ops.take(_append_zero_row(upstream), plan.slot_token, axis=0)  # [G, R, ...]
+            grad_outputs = row_upstream * _broadcast_weights(row_weights, rank)
+            return grad_outputs, grad_weights
+
+        return weighted_sum(gathered, w), grad
+
+    return combine_with_gather_gradient(expert_outputs, weights)
 
 
 def plan_expert_choice_dispatch(token_index, num_tokens, num_experts):

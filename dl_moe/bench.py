@@ -1,0 +1,378 @@
+"""Throughput and memory benchmark of the MoE layer against its two anchors.
+
+* dense equivalent: one SwiGLU FFN with k*h hidden units, the same active FLOPs as a
+  top-k MoE with experts of width h: the practical limit of a sparse layer;
+* all-experts: every expert runs on every token and the outputs are weighted by the
+  (mostly zero) routing weights, which is what keras-hub's Mixtral/Qwen MoE blocks do.
+
+Every measurement is forward + backward in training mode, compiled (XLA on JAX and
+TensorFlow, eager PyTorch), float32, the median of `repeats` timed runs after warm-up.
+Results are ratios measured in one process, so machine noise mostly cancels.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from dl_moe.factories import create_ffn_moe
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark configuration."""
+
+    name: str
+    tokens: int
+    hidden_dim: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+    capacity_factor: float = 1.0
+    drop_tokens: bool = True
+
+    @property
+    def mode(self):
+        return f"cf={self.capacity_factor:g}" if self.drop_tokens else "dropless"
+
+
+STANDARD_CASES = [
+    Case("a", 4096, 256, 512, 8, 2, 1.0),
+    Case("a", 4096, 256, 512, 8, 2, 1.25),
+    Case("a", 4096, 256, 512, 8, 2, drop_tokens=False),
+    Case("b", 4096, 256, 128, 64, 8, 1.0),
+    Case("b", 4096, 256, 128, 64, 8, 1.25),
+    Case("b", 4096, 256, 128, 64, 8, drop_tokens=False),
+    Case("c", 256, 256, 512, 8, 2, 1.0),
+    Case("c", 256, 256, 512, 8, 2, 1.25),
+    Case("c", 256, 256, 512, 8, 2, drop_tokens=False),
+]
+
+
+@keras.saving.register_keras_serializable(package="dl_moe_bench")
+class DenseSwiGLU(keras.layers.Layer):
+    """Dense SwiGLU FFN `[T, d] -> [T, d]` with `units` hidden units."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, input_shape):
+        d = input_shape[-1]
+        self.gate_kernel = self.add_weight(name="gate_kernel", shape=(d, self.units))
+        self.up_kernel = self.add_weight(name="up_kernel", shape=(d, self.units))
+        self.down_kernel = self.add_weight(name="down_kernel", shape=(self.units, d))
+
+    def call(self, inputs, training=None):
+        hidden = ops.silu(ops.matmul(inputs, self.gate_kernel)) * ops.matmul(inputs, self.up_kernel)
+        return ops.matmul(hidden, self.down_kernel)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe_bench")
+class AllExpertsSwiGLU(keras.layers.Layer):
+    """Top-k routed SwiGLU experts computed densely: every expert sees every token."""
+
+    def __init__(self, num_experts, units, top_k, **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = num_experts
+        self.units = units
+        self.top_k = top_k
+
+    def build(self, input_shape):
+        d, e, h = input_shape[-1], self.num_experts, self.units
+        self.router_kernel = self.add_weight(name="router_kernel", shape=(d, e))
+        self.gate_kernel = self.add_weight(name="gate_kernel", shape=(e, d, h))
+        self.up_kernel = self.add_weight(name="up_kernel", shape=(e, d, h))
+        self.down_kernel = self.add_weight(name="down_kernel", shape=(e, h, d))
+
+    def call(self, inputs, training=None):
+        probs = ops.softmax(ops.matmul(inputs, self.router_kernel), axis=-1)  # [T, E]
+        top_weights, top_indices = ops.top_k(probs, self.top_k)
+        dense_weights = ops.sum(ops.one_hot(top_indices, self.num_experts) * top_weights[..., None], axis=1)
+        gate = ops.einsum("td,edh->eth", inputs, self.gate_kernel)
+        up = ops.einsum("td,edh->eth", inputs, self.up_kernel)
+        out = ops.einsum("eth,ehd->etd", ops.silu(gate) * up, self.down_kernel)  # [E, T, d]
+        return ops.einsum("etd,te->td", out, dense_weights)
+
+
+def build_layers(case):
+    """The three layers of a case: `{"moe": ..., "dense": ..., "all_experts": ...}`."""
+    moe = create_ffn_moe(
+        case.num_experts,
+        case.hidden_dim,
+        top_k=case.top_k,
+        intermediate_size=case.intermediate_size,
+        ffn_type="swiglu",
+        use_bias=False,
+        drop_tokens=case.drop_tokens,
+        train_capacity_factor=case.capacity_factor,
+    )
+    return {
+        "moe": moe,
+        "dense": DenseSwiGLU(case.top_k * case.intermediate_size),
+        "all_experts": AllExpertsSwiGLU(case.num_experts, case.intermediate_size, case.top_k),
+    }
+
+
+def make_train_step(layer, x):
+    """A compiled forward+backward step of sum(layer(x)^2) + layer losses."""
+    layer.build(x.shape)
+    backend = keras.backend.backend()
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    if backend == "jax":
+        import jax
+
+        def loss_fn(trainable_values, non_trainable_values, inputs):
+            out, _, losses = layer.stateless_call(
+                trainable_values, non_trainable_values, inputs, training=True, return_losses=True
+            )
+            return ops.mean(ops.square(out)) + sum(losses)
+
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+
+        def step():
+            loss, grads = grad_fn(trainable, non_trainable, x)
+            jax.block_until_ready(grads)
+            return loss
+
+        return step
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        variables = layer.trainable_variables
+
+        @tf.function(jit_compile=True)
+        def tf_step(inputs):
+            with tf.GradientTape() as tape:
+                out = layer(inputs, training=True)
+                loss = tf.reduce_mean(tf.square(out)) + tf.add_n([0.0] + list(layer.losses))
+            grads = tape.gradient(loss, [v.value for v in variables])
+            return loss, grads
+
+        def step():
+            loss, grads = tf_step(x)
+            _ = [g.numpy() for g in grads if g is not None][:1]
+            return loss
+
+        return step
+    import torch
+
+    variables = [v.value for v in layer.trainable_variables]
+
+    def step():
+        out = layer(x, training=True)
+        loss = torch.mean(torch.square(out)) + sum(layer.losses)
+        grads = torch.autograd.grad(loss, variables, allow_unused=True)
+        del grads
+        return loss
+
+    return step
+
+
+def time_steps(steps, repeats=5, warmup=2):
+    """Median seconds of each step over `repeats` interleaved rounds after warm-up.
+
+    Interleaving (A, B, C, A, B, C, ...) exposes every step to the same machine load,
+    so the ratios stay meaningful on a busy machine.
+
+    Args:
+        steps: `{name: zero-argument callable}`.
+
+    Returns:
+        `{name: median seconds}`.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _proc_status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss():
+    # Writing 5 to clear_refs resets the VmHWM peak mark (Linux).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def case_inputs(case, seed=0):
+    rng = np.random.default_rng(seed)
+    return ops.convert_to_tensor(rng.normal(size=(case.tokens, case.hidden_dim)).astype("float32"))
+
+
+def run_case(case, repeats=5, include_all_experts=True, seed=0):
+    """Times the case's layers; returns a dict of medians and ratios."""
+    keras.utils.set_random_seed(seed)
+    x = case_inputs(case, seed)
+    layers = build_layers(case)
+    names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
+    medians = time_steps({name: make_train_step(layers[name], x) for name in names}, repeats=repeats)
+    result = {
+        "case": case.name,
+        "mode": case.mode,
+        "T": case.tokens,
+        "d": case.hidden_dim,
+        "h": case.intermediate_size,
+        "E": case.num_experts,
+        "k": case.top_k,
+        "moe_ms": medians["moe"] * 1e3,
+        "dense_ms": medians["dense"] * 1e3,
+        "vs_dense": medians["dense"] / medians["moe"],
+    }
+    if include_all_experts:
+        result["all_experts_ms"] = medians["all_experts"] * 1e3
+        result["vs_all_experts"] = medians["all_experts"] / medians["moe"]
+    return result
+
+
+def measure_peak_memory(case, kind, seed=0):
+    """Peak resident memory (MiB) above the pre-step level during two training steps.
+
+    Linux only (reads /proc/self/status). Run one (case, kind) per fresh process, so
+    other layers' buffers are not in the picture.
+    """
+    x = case_inputs(case, seed)
+    step = make_train_step(build_layers(case)[kind], x)
+    step()  # compile and allocate the weights first
+    before = _proc_status_mb("VmRSS")
+    _reset_peak_rss()
+    step()
+    step()
+    return _proc_status_mb("VmHWM") - before
+
+
+def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 4096, 16384)):
+    """Cases for cost vs E (fixed k, h, T) and cost vs T (fixed E)."""
+    by_experts = [dataclasses.replace(base, name=f"E={e}", num_experts=e) for e in num_experts]
+    by_tokens = [dataclasses.replace(base, name=f"T={t}", tokens=t) for t in tokens]
+    return by_experts, by_tokens
+
+
+def environment():
+    info = {
+        "backend": keras.backend.backend(),
+        "keras": keras.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        info["jax"] = jax.__version__
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        info["tensorflow"] = tf.__version__
+    else:
+        import torch
+
+        info["torch"] = torch.__version__
+    return info
+
+
+def format_table(results):
+    header = "| case | mode | T | E | k | h | MoE ms | dense ms | MoE/dense throughput | × all-experts |"
+    lines = [header, "|" + "---|" * 10]
+    for r in results:
+        all_experts = f"{r['vs_all_experts']:.1f}×" if "vs_all_experts" in r else "–"
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {r['T']} | {r['E']} | {r['k']} | {r['h']} | {r['moe_ms']:.1f} | "
+            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(cases, kinds=("moe", "dense")):
+    """Peak memory of each kind, each measured in a fresh subprocess."""
+    import subprocess
+    import sys
+
+    rows = []
+    for case in cases:
+        row = {"case": case.name, "mode": case.mode}
+        for kind in kinds:
+            spec = json.dumps(dataclasses.asdict(case))
+            out = subprocess.run(
+                [sys.executable, "-m", "dl_moe.bench", "--memory-child", spec, kind],
+                check=True, capture_output=True, text=True, env=dict(os.environ),
+            ).stdout
+            row[f"{kind}_mb"] = float(out.strip().splitlines()[-1])
+        row["moe_vs_dense"] = row["moe_mb"] / row["dense_mb"]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    """`dl-moe bench` / `python benchmarks/throughput.py`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dl-moe bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="a,b,c", help="comma-separated case names among a, b, c")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per layer (median reported)")
+    parser.add_argument("--scaling", action="store_true", help="also time cost vs E and vs T")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
+    parser.add_argument("--output", help="write results as JSON to this path")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_child:
+        case = Case(**json.loads(args.memory_child[0]))
+        print(measure_peak_memory(case, args.memory_child[1]))
+        return 0
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = sorted(set(names) - {c.name for c in STANDARD_CASES})
+    if unknown or args.repeats < 1:
+        parser.error(f"unknown case(s) {unknown}; valid: a, b, c" if unknown else "--repeats must be >= 1")
+
+    env = environment()
+    print(json.dumps(env))
+    report = {"environment": env, "results": []}
+    for case in [c for c in STANDARD_CASES if c.name in names]:
+        result = run_case(case, repeats=args.repeats)
+        report["results"].append(result)
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
+    print(format_table(report["results"]))
+    if args.scaling:
+        by_experts, by_tokens = scaling_cases(Case("E", 4096, 256, 512, 8, 2, 1.0))
+        for label, cases in (("experts", by_experts), ("tokens", by_tokens)):
+            rows = [run_case(c, repeats=args.repeats, include_all_experts=False) for c in cases]
+            report[f"scaling_{label}"] = rows
+            base = rows[0]["moe_ms"]
+            for r in rows:
+                print(f"{r['case']:>8}: MoE {r['moe_ms']:.1f} ms  (x{r['moe_ms'] / base:.2f} of {rows[0]['case']})", flush=True)
+    if args.memory:
+        report["memory"] = memory_table([c for c in STANDARD_CASES if c.name == "a"])
+        for row in report["memory"]:
+            print(f"memory {row['case']} {row['mode']}: MoE {row['moe_mb']:.0f} MiB, dense {row['dense_mb']:.0f} MiB, "
+                  f"ratio {row['moe_vs_dense']:.2f}", flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
