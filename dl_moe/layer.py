@@ -105,7 +105,9 @@ class MixtureOfExperts(keras.layers.Layer):
         else:
             self.gating_network = self._gating_cls.from_moe_config(self.config, name="router")
             self.gating_network.build((None, hidden_dim))
-        self.experts = self._expert_cls.from_moe_config(self.config, name="experts", dtype=self.dtype_policy)
+        self.experts = self._expert_cls.from_moe_config(
+            self.config, name="experts", dtype=self._bank_dtype_policy("experts")
+        )
         row_features = tuple(input_shape[1:]) if self.experts.token_layout == "example" else (hidden_dim,)
         self.experts.build((None, None) + row_features)
         self.shared_experts = None
@@ -120,7 +122,7 @@ class MixtureOfExperts(keras.layers.Layer):
                 activation=expert.activation,
                 dropout_rate=expert.dropout_rate,
                 use_bias=expert.use_bias,
-                dtype=self.dtype_policy,
+                dtype=self._bank_dtype_policy("shared_experts"),
                 name="shared_experts",
             )
             self.shared_experts.build((None, None, hidden_dim))
@@ -143,6 +145,13 @@ class MixtureOfExperts(keras.layers.Layer):
     # ------------------------------------------------------------------- call
 
     def call(self, inputs, training=None, mask=None):
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            # Integer inputs are almost always token ids that missed an Embedding.
+            raise ValueError(
+                f"MixtureOfExperts expects floating-point inputs, got dtype {dtype}; embed or cast "
+                "them first (e.g. keras.layers.Embedding for token ids)."
+            )
         if self.is_soft:
             return self._call_soft(inputs, training, mask)
         if self._gating_cls.routing_kind == "expert_choice":
@@ -544,3 +553,56 @@ class MixtureOfExperts(keras.layers.Layer):
         config = super().get_config()
         config["config"] = self.config.to_dict()
         return config
+
+    # ----------------------------------------------------------- quantization
+
+    def _expert_banks(self):
+        """`{name: bank}` of the built expert banks ("experts", "shared_experts")."""
+        banks = {"experts": self.experts}
+        if self.shared_experts is not None:
+            banks["shared_experts"] = self.shared_experts
+        return banks
+
+    def _bank_dtype_policy(self, name):
+        """The dtype policy a bank is built with: quantized when it was saved quantized."""
+        mode = getattr(self, "_bank_quantization", {}).get(name)
+        if mode is None:
+            return self.dtype_policy
+        return keras.dtype_policies.get(f"{mode}_from_{self.dtype_policy.name}")
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the expert banks (the router stays float); e.g. `quantize("int8")`.
+
+        `model.quantize(mode)` reaches the banks directly (Keras quantizes leaf layers);
+        this method is for quantizing one MoE layer. FFN banks support "int8" only (see
+        `FFNExpertBank`); other banks and modes raise `NotImplementedError`.
+
+        Args:
+            mode: Keras quantization mode.
+            type_check: Unused (kept for Keras's `quantize` signature).
+            config: Optional `keras.quantizers.QuantizationConfig`.
+        """
+        for bank in self._expert_banks().values():
+            bank.quantize(mode, config=config)
+        if keras.backend.backend() == "torch":
+            for layer in self._flatten_layers():
+                layer._track_variables()  # re-register the replaced torch parameters
+
+    def get_build_config(self):
+        """Input shape plus the quantization mode of each quantized expert bank.
+
+        `build_from_config` rebuilds those banks quantized, so a quantized model
+        round-trips through `.keras`.
+        """
+        config = super().get_build_config()
+        if config is not None and self.built:
+            modes = {name: bank.quantization_mode for name, bank in self._expert_banks().items()}
+            modes = {name: mode for name, mode in modes.items() if mode}
+            if modes:
+                config = dict(config, quantized_expert_banks=modes)
+        return config
+
+    def build_from_config(self, config):
+        config = dict(config)
+        self._bank_quantization = dict(config.pop("quantized_expert_banks", None) or {})
+        super().build_from_config(config)
