@@ -2,6 +2,7 @@
 
 import keras
 from keras import ops
+from keras.quantizers import AbsMaxQuantizer
 
 from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
@@ -31,6 +32,15 @@ class FFNExpertBank(ExpertBank):
     * "geglu":  as "swiglu" with gelu.
 
     Biases (`use_bias`) are `[E, h]` / `[E, o]`. Dropout acts on the hidden activations.
+
+    Int8 quantization (`bank.quantize("int8")`, reached by `model.quantize("int8")` and
+    `MixtureOfExperts.quantize("int8")`) is weight-only: each kernel becomes an int8,
+    non-trainable tensor of the same name and shape plus a float scale per expert and
+    output channel, `<kernel>_scale [E, 1, b]` (kernel ~ int8 / scale, absmax over the
+    input axis, values in [-127, 127]). Matmuls then run as `(x @ int8) / scale` in the
+    compute dtype; activations are not quantized (an `activation_quantizer` of the
+    quantization config is ignored). Biases stay float and trainable. Other modes raise
+    `NotImplementedError`.
 
     Args:
         num_experts: E.
@@ -66,7 +76,8 @@ class FFNExpertBank(ExpertBank):
             self._hidden_activation = keras.activations.get(activation)
         else:
             self._hidden_activation = keras.activations.get(GLU_GATE_ACTIVATIONS[ffn_type])
-        self.dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy, name="dropout")
+        # Dropout without a sub-layer: `model.quantize` only visits leaf layers.
+        self.seed_generator = keras.random.SeedGenerator() if dropout_rate > 0 else None
 
     @classmethod
     def from_moe_config(cls, config, name=None, dtype=None):
@@ -88,23 +99,46 @@ class FFNExpertBank(ExpertBank):
         h = self.intermediate_size
         out = self.output_dim or d
         e = self.num_experts
-        init = stacked_kernel_initializer(e)
-        if self.ffn_type != "mlp":
-            self.gate_kernel = self.add_weight(name="gate_kernel", shape=(e, d, h), initializer=init)
-        self.up_kernel = self.add_weight(name="up_kernel", shape=(e, d, h), initializer=init)
-        self.down_kernel = self.add_weight(name="down_kernel", shape=(e, h, out), initializer=init)
+        if self.quantization_mode:
+            # A quantized bank (e.g. rebuilt when a quantized model is loaded).
+            self.quantized_build(input_shape, mode=self.quantization_mode)
+        else:
+            init = stacked_kernel_initializer(e)
+            for name, shape in self._kernel_shapes(d, out):
+                setattr(self, name, self.add_weight(name=name, shape=shape, initializer=init))
         if self.use_bias:
             if self.ffn_type != "mlp":
                 self.gate_bias = self.add_weight(name="gate_bias", shape=(e, h), initializer="zeros")
             self.up_bias = self.add_weight(name="up_bias", shape=(e, h), initializer="zeros")
             self.down_bias = self.add_weight(name="down_bias", shape=(e, out), initializer="zeros")
+        self._input_dim = d
         self.built = True
 
-    def _project(self, x, kernel, bias, group_expert):
-        """x `[G, R, a]` @ kernel of each group's expert `[G, a, b]` (+ bias `[G, 1, b]`)."""
+    def _kernel_shapes(self, d, out):
+        """`(name, shape)` of each stacked kernel, in creation order."""
+        e, h = self.num_experts, self.intermediate_size
+        shapes = [("gate_kernel", (e, d, h))] if self.ffn_type != "mlp" else []
+        return shapes + [("up_kernel", (e, d, h)), ("down_kernel", (e, h, out))]
+
+    def _bias_names(self):
+        if not self.use_bias:
+            return []
+        return (["gate_bias"] if self.ffn_type != "mlp" else []) + ["up_bias", "down_bias"]
+
+    def _project(self, x, kernel, bias, group_expert, scale=None):
+        """x `[G, R, a]` @ kernel of each group's expert `[G, a, b]` (+ bias `[G, 1, b]`).
+
+        With `scale` `[E, 1, b]` the kernel is int8 and the product is divided by the
+        owning expert's per-output-channel scale.
+        """
         if group_expert is not None:
             kernel = ops.take(kernel, group_expert, axis=0)
-        y = ops.matmul(x, kernel)
+        if scale is None:
+            y = ops.matmul(x, kernel)
+        else:
+            if group_expert is not None:
+                scale = ops.take(scale, group_expert, axis=0)
+            y = ops.matmul(x, ops.cast(kernel, x.dtype)) / ops.cast(scale, x.dtype)
         if bias is not None:
             if group_expert is not None:
                 bias = ops.take(bias, group_expert, axis=0)
@@ -122,15 +156,131 @@ class FFNExpertBank(ExpertBank):
         Returns:
             `[G, R, o]`.
         """
-        bias = lambda name: getattr(self, name) if self.use_bias else None  # noqa: E731
-        up = self._project(inputs, self.up_kernel, bias("up_bias"), group_expert)  # [G, R, h]
+        return self._ffn(inputs, group_expert, training, quantized=self.quantization_mode == "int8")
+
+    def _ffn(self, inputs, group_expert, training, quantized):
+        def project(x, name):
+            bias = getattr(self, name + "_bias") if self.use_bias else None
+            scale = getattr(self, name + "_kernel_scale") if quantized else None
+            return self._project(x, getattr(self, name + "_kernel"), bias, group_expert, scale)
+
+        up = project(inputs, "up")  # [G, R, h]
         if self.ffn_type == "mlp":
             hidden = self._hidden_activation(up)
         else:
-            gate = self._project(inputs, self.gate_kernel, bias("gate_bias"), group_expert)
-            hidden = self._hidden_activation(gate) * up
-        hidden = self.dropout(hidden, training=training)
-        return self._project(hidden, self.down_kernel, bias("down_bias"), group_expert)  # [G, R, o]
+            hidden = self._hidden_activation(project(inputs, "gate")) * up
+        if training and self.dropout_rate > 0:
+            hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
+        return project(hidden, "down")  # [G, R, o]
+
+    # ----------------------------------------------------------- quantization
+    # The protocol of keras.layers.Dense: `quantize` converts a built float bank,
+    # `quantized_build` creates the int8 variables directly (a quantized bank being
+    # rebuilt on load), the layer's dtype policy ("int8_from_<policy>") carries the
+    # mode, and Layer.__call__ routes to `_int8_call`.
+
+    SUPPORTED_QUANTIZATION_MODES = ("int8",)
+
+    def _unsupported_mode(self, mode):
+        return NotImplementedError(
+            f"{type(self).__name__} supports quantization mode 'int8' only "
+            f"(weight-only, per-expert per-output-channel scales), got mode={mode!r}."
+        )
+
+    def quantized_build(self, input_shape, mode, config=None):
+        """Creates the quantized variables for `mode` (only "int8")."""
+        if mode not in self.SUPPORTED_QUANTIZATION_MODES:
+            raise self._unsupported_mode(mode)
+        self._int8_build(input_shape)
+        self._is_quantized = True
+
+    def _int8_build(self, input_shape):
+        """int8 kernels (same names and shapes) + float32 scales `[E, 1, b]`."""
+        d = input_shape[-1]
+        out = self.output_dim or d
+        for name, shape in self._kernel_shapes(d, out):
+            setattr(
+                self, name,
+                self.add_weight(name=name, shape=shape, initializer="zeros", dtype="int8", trainable=False),
+            )
+        for name, shape in self._kernel_shapes(d, out):
+            setattr(
+                self, name + "_scale",
+                self.add_weight(
+                    name=name + "_scale", shape=(shape[0], 1, shape[2]), initializer="ones", trainable=False
+                ),
+            )
+
+    def _int8_call(self, inputs, group_expert=None, training=None):
+        return self._ffn(inputs, group_expert, training, quantized=True)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the built bank's kernels in place.
+
+        Args:
+            mode: "int8" (the only supported mode).
+            type_check: Refuse subclasses (they may hold other weights), as Keras does.
+            config: Optional `keras.quantizers.Int8QuantizationConfig`; its
+                `weight_quantizer` (default `AbsMaxQuantizer`) is applied over each
+                kernel's input axis, giving scales `[E, 1, b]`.
+
+        Raises:
+            NotImplementedError: For any mode other than "int8".
+        """
+        if type_check and type(self) is not FFNExpertBank:
+            raise self._not_implemented_error(self.quantize)
+        if mode not in self.SUPPORTED_QUANTIZATION_MODES:
+            raise self._unsupported_mode(mode)
+        from keras.quantizers import QuantizationConfig
+
+        quantizer = QuantizationConfig.weight_quantizer_or_default(config, AbsMaxQuantizer())
+        d = self._input_dim
+        out = self.output_dim or d
+        quantized = {}
+        for name, shape in self._kernel_shapes(d, out):
+            values, scale = quantizer(getattr(self, name), axis=1, to_numpy=True)  # [E, a, b], [E, 1, b]
+            if tuple(scale.shape) != (shape[0], 1, shape[2]):
+                raise ValueError(
+                    f"The weight quantizer must give one scale per expert and output channel "
+                    f"{(shape[0], 1, shape[2])} for {name}, got {tuple(scale.shape)}."
+                )
+            quantized[name] = (values, scale)
+            delattr(self, name)
+        self.quantized_build((None, None, d), mode)
+        for name, (values, scale) in quantized.items():
+            getattr(self, name).assign(values)
+            getattr(self, name + "_scale").assign(scale)
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = keras.dtype_policies.get(f"{mode}_from_{self.dtype_policy.name}")
+
+    def _serialized_variable_names(self):
+        d = getattr(self, "_input_dim", None)
+        kernels = [name for name, _ in self._kernel_shapes(d, None)]
+        names = kernels + self._bias_names()
+        if self.quantization_mode == "int8":
+            names += [name + "_scale" for name in kernels]
+        return names
+
+    def save_own_variables(self, store):
+        """Stores kernels, biases and (quantized) scales by a fixed name order."""
+        if not self.built:
+            return
+        for index, name in enumerate(self._serialized_variable_names()):
+            store[str(index)] = getattr(self, name)
+
+    def load_own_variables(self, store):
+        """Loads what `save_own_variables` stored; a float/int8 mismatch is a ValueError."""
+        if not self.built:
+            return
+        names = self._serialized_variable_names()
+        if len(store.keys()) != len(names):
+            raise ValueError(
+                f"Layer '{self.name}' (quantization_mode={self.quantization_mode!r}) expects "
+                f"{len(names)} variables {names}, but the file holds {len(store.keys())}. "
+                "A quantized bank only loads weights saved from a bank quantized the same way."
+            )
+        for index, name in enumerate(names):
+            getattr(self, name).assign(store[str(index)])
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_dim or input_shape[-1],)

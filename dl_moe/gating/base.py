@@ -155,6 +155,14 @@ class BaseGating(keras.layers.Layer):
             seed=self.seed_generator,
         )
 
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Leaves the router in float: `model.quantize(...)` quantizes the experts only.
+
+        Routing is a discrete top-k over logits, so small weight errors change which
+        expert a token goes to; the router is also a tiny share of the weights (d*E
+        against E*d*h per expert matrix).
+        """
+
     def compute_gate_logits(self, inputs):
         """Router logits `[..., E]` = inputs `[..., d]` @ router_kernel `[d, E]`."""
         return ops.matmul(inputs, self.router_kernel)
