@@ -210,6 +210,36 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     )
 
 
+def plan_ragged_dispatch(expert_index, active, num_experts):
+    """Eager-only dropless plan: every active assignment in one row, sorted by expert.
+
+    Rows form a single group `[1, N]`; expert e owns the contiguous rows
+    `starts[e]:starts[e + 1]` and inactive assignments sit, empty, at the end. The
+    per-expert row counts come back as Python ints, so this needs concrete tensors (no
+    tracing); it computes exactly the N_active useful rows with no block padding.
+
+    Returns:
+        `(plan, counts)`: a `DispatchPlan` with `slot_token [1, N]` and the list of
+        E row counts.
+    """
+    num_tokens = static_dim(expert_index, 0)
+    top_k = static_dim(expert_index, 1)
+    num_assignments = num_tokens * top_k
+    sorted_token, sorted_expert, starts, _, order = _sort_assignments(expert_index, active, num_experts)
+    valid = sorted_expert < num_experts
+    position = ops.arange(num_assignments, dtype="int32")
+    counts = starts[1:] - starts[:-1]
+    plan = DispatchPlan(
+        slot_token=ops.expand_dims(ops.where(valid, sorted_token, num_tokens), 0),
+        assignment_slot=_unsort(ops.where(valid, position, num_assignments), order, num_tokens, top_k),
+        group_expert=None,
+        routed_per_expert=counts,
+        processed_per_expert=counts,
+        slot_assignment=ops.expand_dims(ops.where(valid, order, num_assignments), 0),
+    )
+    return plan, [int(c) for c in ops.convert_to_numpy(counts)]
+
+
 def _append_zero_row(x):
     """`[n, ...]` → `[n + 1, ...]`: index n then reads zeros."""
     return ops.concatenate([x, ops.zeros_like(x[:1])], axis=0)

@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe.backend_fast_paths import run_experts_on_slices, torch_eager_dropless_enabled
 from dl_moe.config import MoEConfig
 from dl_moe.distribution import constrain_to_expert_axis
 from dl_moe.experts.ffn import FFNExpertBank
@@ -183,14 +184,21 @@ class MixtureOfExperts(keras.layers.Layer):
         weights = ops.where(active, weights, ops.zeros_like(weights))
 
         # Dispatch.
-        plan = self._plan(indices, active, training)
+        slice_counts = None
+        if not self.config.drop_tokens and torch_eager_dropless_enabled():
+            plan, slice_counts = dispatch_lib.plan_ragged_dispatch(indices, active, self.config.num_experts)
+        else:
+            plan = self._plan(indices, active, training)
         expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
 
         # Experts (a bank with per-call context, e.g. shared attention keys/values, also
         # learns which token fills each row).
         context = self.experts.prepare_context(inputs, mask)
         extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
-        expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
+        if slice_counts is None:
+            expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
+        else:
+            expert_outputs = run_experts_on_slices(self.experts, expert_inputs, slice_counts, training, **extra)
 
         # Combine.
         outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
