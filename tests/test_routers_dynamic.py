@@ -69,13 +69,14 @@ def test_conditional_head_learns_and_easy_tokens_use_fewer_experts():
     model = keras.Sequential([keras.Input((D,)), layer])
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=BACKEND != "torch")
     x = _tokens(128)
+    x_tensor = ops.convert_to_tensor(x)
     _make_confident(layer, scale=20.0)  # a confident router: entropy (the head's target) is low
     router = layer.gating_network
-    before = float(np.mean(ops.convert_to_numpy(router.difficulty(x))))
+    before = float(np.mean(ops.convert_to_numpy(router.difficulty(x_tensor))))
     model.fit(x, np.zeros((128, D), "float32"), batch_size=32, epochs=15, verbose=0)
-    probs = ops.convert_to_numpy(ops.softmax(router.compute_gate_logits(x), axis=-1))
+    probs = ops.convert_to_numpy(ops.softmax(router.compute_gate_logits(x_tensor), axis=-1))
     target = -(probs * np.log(probs + 1e-9)).sum(-1).mean() / math.log(E)
-    after = float(np.mean(ops.convert_to_numpy(router.difficulty(x))))
+    after = float(np.mean(ops.convert_to_numpy(router.difficulty(x_tensor))))
     assert abs(after - target) < abs(before - target)
     assert layer.route(x)["active"].sum(-1).mean() < 2.0
 
