@@ -42,10 +42,13 @@ class RoutingMonitor(keras.callbacks.Callback):
 
     The statistics live in the layers' non-trainable variables, updated inside `call`;
     this callback only reads them, on every backend (under JAX it first syncs the
-    trainer's state into the variables with `model.jax_state_sync()`). Reading costs a
-    few small device-to-host copies (and under JAX a state sync), so by default it reads
-    once per epoch, when the trainer syncs anyway; `update_freq=N` also reads every N
-    batches (the batch logs in between repeat the last values).
+    trainer's state into the variables with `model.jax_state_sync()`). By default
+    (`update_freq="epoch"`) it reads once per epoch, when the trainer syncs anyway, and
+    does not hook the batch end at all, so training keeps Keras's asynchronous batch
+    dispatch and pays nothing per batch. `update_freq=N` also reads every N batches
+    into the batch logs (the batches in between repeat the last values); that costs a
+    few small device-to-host copies per read (under JAX also a state sync) and turns
+    off asynchronous batch dispatch.
 
     With `reset_each_epoch=True` (default) the layers' statistics are reset at the
     start of every epoch, so each epoch's values describe that epoch's training
@@ -77,6 +80,11 @@ class RoutingMonitor(keras.callbacks.Callback):
         self._last_logs = {}
         self._snapshot = None
         self._in_fit = False
+        if update_freq != "epoch":
+            # Only then hook the batch end: a callback overriding `on_train_batch_end`
+            # turns off Keras's asynchronous batch dispatch (every step would wait for
+            # its logs), which costs more than reading the statistics.
+            self.on_train_batch_end = self._on_train_batch_end
 
     # --------------------------------------------------------------- helpers
 
@@ -120,8 +128,8 @@ class RoutingMonitor(keras.callbacks.Callback):
             for layer in self._watched:
                 layer.reset_routing_stats()
 
-    def on_train_batch_end(self, batch, logs=None):
-        if self.update_freq != "epoch" and (batch + 1) % self.update_freq == 0:
+    def _on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.update_freq == 0:
             self._last_logs = self._to_logs(self._read())
         if logs is not None and self._last_logs:
             logs.update(self._last_logs)
