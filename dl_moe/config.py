@@ -488,6 +488,17 @@ class GatingConfig(_CheckedConfig):
                 f"GatingConfig.balancing='aux_free' needs a router that selects experts by score "
                 f"(not {self.gating_type!r}); use 'none' or 'aux_loss'."
             )
+        if getattr(moe_config, "hierarchical_routing", False):
+            if self.balancing == "aux_free":
+                raise ValueError(
+                    "GatingConfig.balancing='aux_free' is not supported with hierarchical_routing=True; "
+                    "use 'aux_loss' or 'none'."
+                )
+            if not getattr(cls, "supports_hierarchical_routing", True):
+                raise ValueError(
+                    f"MoEConfig.hierarchical_routing=True needs a fixed top-k router such as 'linear' or "
+                    f"'cosine', got gating_type={self.gating_type!r}."
+                )
         if hasattr(cls, "validate_for_layer"):
             cls.validate_for_layer(moe_config)
 

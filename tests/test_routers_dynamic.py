@@ -148,6 +148,10 @@ def test_config_validation_of_the_new_fields():
         dl_moe.GatingConfig(gating_type="ensemble", ensemble_members=[{"gating_type": "expert_choice"}])
     with pytest.raises(ValueError, match="weight"):
         dl_moe.GatingConfig(gating_type="ensemble", ensemble_members=[{"gating_type": "linear", "weight": -1}])
+    with pytest.raises(ValueError, match="hierarchical_routing"):
+        dl_moe.create_ffn_moe(8, 8, gating_type="top_p", hierarchical_routing=True)
+    with pytest.raises(ValueError, match="aux_free"):
+        dl_moe.create_ffn_moe(8, 8, balancing="aux_free", hierarchical_routing=True)
     config = dl_moe.GatingConfig(
         gating_type="ensemble", ensemble_members=[{"gating_type": "linear"}, {"gating_type": "cosine", "weight": 2}]
     )

@@ -57,6 +57,8 @@ class ConditionalGating(BaseGating):
     `info["difficulty"] [T]`.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = (
         "min_experts", "max_experts", "threshold_low", "threshold_high", "difficulty_loss_weight",
         "expected_experts",

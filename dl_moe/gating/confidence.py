@@ -44,6 +44,8 @@ class ConfidenceGating(BaseGating):
     `info["active"] [T, K]` and `info["complexity"] [T]`.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = ("min_experts", "max_experts", "layer_depth_scale", "expected_experts")
     supports_bias_balancing = True
 

@@ -56,6 +56,8 @@ class EnsembleGating(BaseGating):
         **kwargs: `BaseGating` arguments.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = ("ensemble_members",)
     supports_bias_balancing = True
 

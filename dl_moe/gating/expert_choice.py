@@ -45,6 +45,8 @@ class ExpertChoiceGating(BaseGating):
     `raw_gate_probs [T, E]`.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     routing_kind = "expert_choice"
 
     def __init__(self, num_experts, capacity_factor=DEFAULT_CAPACITY_FACTOR, temperature=1.0, **kwargs):
@@ -67,13 +69,6 @@ class ExpertChoiceGating(BaseGating):
             temperature=gating.temperature or 1.0,
             **kwargs,
         )
-
-    @classmethod
-    def validate_for_layer(cls, moe_config):
-        if getattr(moe_config, "hierarchical_routing", False):
-            raise ValueError(
-                "MoEConfig.hierarchical_routing=True needs a token-choice router, got gating_type='expert_choice'."
-            )
 
     @property
     def expected_k(self):

@@ -40,6 +40,8 @@ class ResonanceGating(BaseGating):
     expert-side softmax. `info` has `gate_logits` (token side), `raw_gate_probs` (r).
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = ("bidirectional_strength",)
     supports_bias_balancing = True
 

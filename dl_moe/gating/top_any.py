@@ -57,6 +57,8 @@ class TopAnyGating(BaseGating):
     Call returns `(weights [T, K], indices [T, K], info)` with `info["active"] [T, K]`.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = ("max_experts", "expected_experts")
     supports_bias_balancing = True
 

@@ -48,6 +48,8 @@ class TopPGating(BaseGating):
     Call returns `(weights [T, K], indices [T, K], info)` with `info["active"] [T, K]`.
     """
 
+    # The hierarchical router ranks experts by gate_logits with a fixed top_k.
+    supports_hierarchical_routing = False
     config_fields = ("top_p_threshold", "max_experts", "expected_experts")
     supports_bias_balancing = True
     default_entropy_loss_weight = 1e-4
