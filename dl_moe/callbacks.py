@@ -1,5 +1,7 @@
 """Keras callbacks that surface the routing statistics of `MixtureOfExperts` layers."""
 
+import os
+
 import keras
 import numpy as np
 
@@ -58,6 +60,9 @@ class RoutingMonitor(keras.callbacks.Callback):
     Attributes:
         expert_fractions: `{layer name: [per-epoch numpy [E] share of assignments]}`.
         epoch_stats: `{layer name: [per-epoch dict of get_routing_stats()]}`.
+
+    After training, `plot_heatmap(path)` and `plot_load_balance(path)` draw that history
+    with matplotlib (`save_plots(output_dir)` writes both), see `dl_moe.plots`.
 
     Args:
         layers: The MoE layers to watch (None: every `MixtureOfExperts` in the model).
@@ -148,3 +153,25 @@ class RoutingMonitor(keras.callbacks.Callback):
         self._last_logs = self._to_logs(stats)
         if logs is not None:
             logs.update(self._last_logs)
+
+    # ----------------------------------------------------------------- plots
+
+    def plot_heatmap(self, path):
+        """Writes a PNG heatmap per layer: experts x epochs, colour = share of assignments."""
+        from dl_moe.plots import plot_routing_heatmap
+
+        return plot_routing_heatmap(self.expert_fractions, path)
+
+    def plot_load_balance(self, path):
+        """Writes a PNG of each layer's load CV (std / mean of the per-expert load) per epoch."""
+        from dl_moe.plots import plot_load_balance
+
+        return plot_load_balance(self.expert_fractions, path)
+
+    def save_plots(self, output_dir):
+        """Writes `routing_heatmap.png` and `load_balance.png` to `output_dir`; returns their paths."""
+        os.makedirs(output_dir, exist_ok=True)
+        return {
+            "heatmap": self.plot_heatmap(os.path.join(output_dir, "routing_heatmap.png")),
+            "load_balance": self.plot_load_balance(os.path.join(output_dir, "load_balance.png")),
+        }

@@ -9,6 +9,7 @@ import time
 
 import keras
 import numpy as np
+from dl_moe.callbacks import RoutingMonitor
 from dl_moe.factories import create_ffn_moe
 from dl_moe.layer import MixtureOfExperts
 
@@ -68,24 +69,9 @@ def format_stats(layer):
 
 def plot_utilization(model, path):
     """Bar chart of each MoE layer's measured expert fractions."""
-    import matplotlib
+    from dl_moe.plots import plot_expert_utilization
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = moe_layers(model)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3), squeeze=False)
-    for axis, layer in zip(axes[0], layers):
-        fractions = layer.get_expert_utilization()
-        axis.bar(np.arange(len(fractions)), fractions, color="tab:blue")
-        axis.axhline(1.0 / len(fractions), color="gray", linestyle="--", label="balanced")
-        axis.set_title(layer.name)
-        axis.set_xlabel("expert")
-        axis.set_ylabel("share of assignments")
-        axis.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return plot_expert_utilization({layer.name: layer.get_expert_utilization() for layer in moe_layers(model)}, path)
 
 
 def run_demo(epochs=20, output_dir="outputs", seed=0, verbose=1):
@@ -99,8 +85,11 @@ def run_demo(epochs=20, output_dir="outputs", seed=0, verbose=1):
         metrics=["accuracy"],
     )
     print(f"Backend: {keras.backend.backend()}  train {len(x_train)}  test {len(x_test)} digits")
+    monitor = RoutingMonitor()
     start = time.perf_counter()
-    model.fit(x_train, y_train, validation_split=0.1, epochs=epochs, batch_size=64, verbose=verbose)
+    model.fit(
+        x_train, y_train, validation_split=0.1, epochs=epochs, batch_size=64, verbose=verbose, callbacks=[monitor]
+    )
     train_seconds = time.perf_counter() - start
 
     for layer in moe_layers(model):
@@ -123,5 +112,10 @@ def run_demo(epochs=20, output_dir="outputs", seed=0, verbose=1):
 
     plot_path = os.path.join(output_dir, "expert_utilization.png")
     plot_utilization(model, plot_path)
-    print(f"Wrote {plot_path}")
-    return {"accuracy": float(accuracy), "reload_agrees": agree, "model_path": model_path, "plot_path": plot_path}
+    monitor_plots = monitor.save_plots(output_dir)
+    heatmap_path, balance_path = monitor_plots["heatmap"], monitor_plots["load_balance"]
+    print(f"Wrote {plot_path}, {heatmap_path} (expert shares per epoch), {balance_path} (load CV per epoch)")
+    return {
+        "accuracy": float(accuracy), "reload_agrees": agree, "model_path": model_path, "plot_path": plot_path,
+        "heatmap_path": heatmap_path, "load_balance_path": balance_path,
+    }

@@ -1,6 +1,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from dl_moe import cli
 
@@ -12,12 +13,57 @@ def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
     assert "Test accuracy:" in out and "reloaded model agrees: True" in out
     assert "moe_0: experts/token 2.00" in out
     assert os.path.getsize(tmp_path / "demo.keras") > 0
-    assert os.path.getsize(tmp_path / "expert_utilization.png") > 0
+    for name in ("expert_utilization.png", "routing_heatmap.png", "load_balance.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
 
 
 def test_demo_rejects_bad_epochs(capsys):
     assert cli.main(["demo", "--epochs", "0"]) == 2
-    assert "--epochs must be >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("dl-moe: error: --epochs must be >= 1") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required"),
+        (["nope"], "invalid choice: 'nope'"),
+        (["presets", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_are_one_line_and_non_zero(argv, message, capsys):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dl-moe: error: ") and message in lines[0], captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_expected_failures_are_one_line_and_exit_1(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    # The output folder cannot be created (a file is in the way): an OSError, one line.
+    assert cli.main(["compare", "--routers", "top2", "--seeds", "1", "--epochs", "1",
+                     "--output-dir", str(blocker / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dl-moe: error: "), err
+
+
+def test_presets_lists_every_preset_with_its_key_settings(capsys):
+    from dl_moe.presets import list_presets
+
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    header, rule, *rows = out.strip().splitlines()
+    for column in ("preset", "experts", "expert type", "ffn type", "router", "k", "capacity", "shared"):
+        assert f" {column} " in header
+    assert [row.split("|")[1].strip() for row in rows] == list_presets()
+    cells = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in rows}
+    assert cells["deepseek"] == ["64", "ffn", "swiglu", "768", "linear", "6", "cf 1.25/2", "2"]
+    assert cells["mixtral"][6] == "dropless" and cells["switch"][5] == "1"
+    assert cells["expert_choice"][5] == "~2 avg" and cells["soft_moe"][5] == "soft (all)"
+    assert cli.main(["presets", "--descriptions"]) == 0
+    assert "deepseek: DeepSeekMoE-style" in capsys.readouterr().out
 
 
 def test_digits_tokens_are_rows_of_pixels():

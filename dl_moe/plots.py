@@ -1,0 +1,130 @@
+"""Matplotlib plots of routing behaviour (written with the non-interactive Agg backend).
+
+* `plot_expert_utilization(fractions, path)`: bar chart of each MoE layer's share of
+  assignments per expert (what `dl-moe demo` writes as `expert_utilization.png`).
+* `plot_routing_heatmap(expert_fractions, path)`: per layer, experts x epochs heatmap of
+  the share of assignments (`RoutingMonitor.expert_fractions`).
+* `plot_load_balance(expert_fractions, path)`: per layer, the load coefficient of
+  variation (std / mean of the per-expert load; 0 is perfectly balanced) over epochs.
+* `plot_accuracy_vs_experts(summary, path)`: the router comparison of `dl-moe compare`.
+
+Each function takes plain numbers (dicts of lists / numpy arrays), saves a PNG and
+returns its path.
+"""
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, plt):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def load_cv(fractions):
+    """Coefficient of variation std / mean of a per-expert load (any scale); 0 if empty."""
+    fractions = np.asarray(fractions, dtype="float64")
+    mean = fractions.mean() if fractions.size else 0.0
+    return float(fractions.std() / mean) if mean > 0 else 0.0
+
+
+def plot_expert_utilization(fractions, path):
+    """Bar chart per layer of `{layer name: [E] share of assignments}`."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4 * len(fractions), 3), squeeze=False)
+    for axis, (name, values) in zip(axes[0], fractions.items()):
+        values = np.asarray(values, dtype="float64")
+        axis.bar(np.arange(len(values)), values, color="tab:blue")
+        axis.axhline(1.0 / len(values), color="gray", linestyle="--", label="balanced")
+        axis.set_title(name)
+        axis.set_xlabel("expert")
+        axis.set_ylabel("share of assignments")
+        axis.legend()
+    return _save(fig, path, plt)
+
+
+def _check_history(expert_fractions):
+    if not expert_fractions or not any(len(v) for v in expert_fractions.values()):
+        raise ValueError("No routing history to plot: train with a RoutingMonitor for at least one epoch first.")
+
+
+def plot_routing_heatmap(expert_fractions, path):
+    """Heatmap per layer: experts (rows) x epochs (columns), colour = share of assignments.
+
+    Args:
+        expert_fractions: `{layer name: [per-epoch [E] share of assignments]}`, e.g.
+            `RoutingMonitor.expert_fractions`.
+        path: PNG file to write.
+    """
+    _check_history(expert_fractions)
+    plt = _pyplot()
+    layers = list(expert_fractions)
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
+    vmax = max(float(np.max(np.stack(v))) for v in expert_fractions.values() if len(v))
+    image = None
+    for axis, name in zip(axes[0], layers):
+        history = np.stack([np.asarray(f, dtype="float64") for f in expert_fractions[name]], axis=1)  # [E, epochs]
+        epochs = history.shape[1]
+        image = axis.imshow(
+            history, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax,
+            extent=(0.5, epochs + 0.5, -0.5, history.shape[0] - 0.5), interpolation="nearest",
+        )
+        axis.set_title(f"{name} (balanced = {1.0 / history.shape[0]:.3f})")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("expert")
+    fig.colorbar(image, ax=list(axes[0]), label="share of assignments")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_load_balance(expert_fractions, path):
+    """Load CV (std / mean of the per-expert load) of each layer over epochs."""
+    _check_history(expert_fractions)
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(5.5, 3.5))
+    for name, history in expert_fractions.items():
+        values = [load_cv(f) for f in history]
+        axis.plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
+    axis.axhline(0.0, color="gray", linestyle="--", label="balanced")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("load CV (std / mean)")
+    axis.set_title("Expert load imbalance")
+    axis.legend()
+    return _save(fig, path, plt)
+
+
+def plot_accuracy_vs_experts(summary, path, baseline="top2"):
+    """Test accuracy (mean ± std over seeds) against expert FLOPs per token.
+
+    Args:
+        summary: rows with `router`, `accuracy_mean`, `accuracy_std` and
+            `flops_vs_top2` (as `dl_moe.compare.summarize` returns).
+        path: PNG file to write.
+        baseline: Router drawn in a different colour.
+    """
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    for row in summary:
+        colour = "tab:red" if row["router"] == baseline else "tab:blue"
+        axis.errorbar(
+            row["flops_vs_top2"], row["accuracy_mean"], yerr=row["accuracy_std"],
+            fmt="o", color=colour, capsize=4,
+        )
+        axis.annotate(row["router"], (row["flops_vs_top2"], row["accuracy_mean"]),
+                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.set_xlabel("expert FLOPs per token relative to top-2")
+    axis.set_ylabel("test accuracy (mean ± std over seeds)")
+    axis.set_title("Routers on digits: accuracy vs expert compute")
+    axis.grid(alpha=0.3)
+    return _save(fig, path, plt)
