@@ -356,6 +356,11 @@ class MixtureOfExperts(keras.layers.Layer):
             capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
         return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity)
 
+    def add_loss(self, loss):
+        """Registers `loss` as float32 (Keras sums it with the float32 model loss), so a
+        bfloat16/float16 `routing_dtype` cannot break the trainer's loss sum."""
+        super().add_loss(ops.cast(loss, "float32"))
+
     @staticmethod
     def _count_tokens(per_token, token_weight):
         if token_weight is None:

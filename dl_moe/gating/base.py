@@ -155,6 +155,10 @@ class BaseGating(keras.layers.Layer):
             seed=self.seed_generator,
         )
 
+    def add_loss(self, loss):
+        """Registers `loss` as float32 whatever the routing dtype (see `MixtureOfExperts.add_loss`)."""
+        super().add_loss(ops.cast(loss, "float32"))
+
     def quantize(self, mode=None, type_check=True, config=None):
         """Leaves the router in float: `model.quantize(...)` quantizes the experts only.
 
