@@ -68,8 +68,12 @@ def plot_routing_heatmap(expert_fractions, path):
     """
     _check_history(expert_fractions)
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     layers = list(expert_fractions)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(4.5 * len(layers) + 1, 3.5), squeeze=False, layout="constrained"
+    )
     vmax = max(float(np.max(np.stack(v))) for v in expert_fractions.values() if len(v))
     image = None
     for axis, name in zip(axes[0], layers):
@@ -82,6 +86,8 @@ def plot_routing_heatmap(expert_fractions, path):
         axis.set_title(f"{name} (balanced = {1.0 / history.shape[0]:.3f})")
         axis.set_xlabel("epoch")
         axis.set_ylabel("expert")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=list(axes[0]), label="share of assignments")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -92,11 +98,14 @@ def plot_load_balance(expert_fractions, path):
     """Load CV (std / mean of the per-expert load) of each layer over epochs."""
     _check_history(expert_fractions)
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axis = plt.subplots(figsize=(5.5, 3.5))
     for name, history in expert_fractions.items():
         values = [load_cv(f) for f in history]
         axis.plot(np.arange(1, len(values) + 1), values, marker="o", label=name)
     axis.axhline(0.0, color="gray", linestyle="--", label="balanced")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("load CV (std / mean)")
     axis.set_title("Expert load imbalance")
@@ -111,20 +120,29 @@ def plot_accuracy_vs_experts(summary, path, baseline="top2"):
         summary: rows with `router`, `accuracy_mean`, `accuracy_std` and
             `flops_vs_top2` (as `dl_moe.compare.summarize` returns).
         path: PNG file to write.
-        baseline: Router drawn in a different colour.
+        baseline: Router drawn with a dashed reference line.
     """
     plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(6.5, 4.5))
-    for row in summary:
-        colour = "tab:red" if row["router"] == baseline else "tab:blue"
+    fig, axis = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    markers = "osD^vP*Xh<>p"
+    colours = plt.get_cmap("tab10")
+    seen = {}
+    for index, row in enumerate(summary):
+        x = row["flops_vs_top2"]
+        # Routers at the same compute are spread a little so their error bars stay apart.
+        shift = seen.get(round(x, 2), 0)
+        seen[round(x, 2)] = shift + 1
         axis.errorbar(
-            row["flops_vs_top2"], row["accuracy_mean"], yerr=row["accuracy_std"],
-            fmt="o", color=colour, capsize=4,
+            x + 0.015 * shift, row["accuracy_mean"], yerr=row["accuracy_std"], fmt=markers[index % len(markers)],
+            color=colours(index % 10), capsize=4, markersize=7, label=row["router"],
         )
-        axis.annotate(row["router"], (row["flops_vs_top2"], row["accuracy_mean"]),
-                      textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if row["router"] == baseline:
+            axis.axhline(row["accuracy_mean"], color=colours(index % 10), linestyle="--", linewidth=0.8)
     axis.set_xlabel("expert FLOPs per token relative to top-2")
     axis.set_ylabel("test accuracy (mean ± std over seeds)")
     axis.set_title("Routers on digits: accuracy vs expert compute")
     axis.grid(alpha=0.3)
-    return _save(fig, path, plt)
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
