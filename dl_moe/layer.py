@@ -159,21 +159,49 @@ class MixtureOfExperts(keras.layers.Layer):
             return self._call_expert_choice(inputs, training, mask)
         return self._call_token_choice(inputs, training, mask)
 
-    def _call_token_choice(self, inputs, training, mask):
-        hidden_dim = self.config.expert_config.hidden_dim
+    def _flatten_tokens(self, inputs, mask):
+        """inputs → `(tokens [T, ...], token_mask [T] or None, leading_shape)`.
+
+        FFN/attention banks: every position of `[..., d]` is a token `[T, d]`.
+        Example-layout banks (conv): each example is one token `[T = B, H, W, C]`.
+        """
         if self.experts.token_layout == "example":
-            # Each example is one token carrying its whole feature map [B, ...].
             if mask is not None:
                 raise ValueError(
                     f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
                     "and does not take a Keras mask."
                 )
-            leading_shape = ops.shape(inputs)[:1]
-            tokens = inputs  # [T = B, ...]
-        else:
-            leading_shape = ops.shape(inputs)[:-1]
-            tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
-        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
+            return inputs, None, ops.shape(inputs)[:1]
+        tokens = ops.reshape(inputs, (-1, self.config.expert_config.hidden_dim))
+        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))
+        return tokens, token_mask, ops.shape(inputs)[:-1]
+
+    def _run_experts(self, expert_inputs, plan, inputs, mask, training, slice_counts=None):
+        """Runs the bank on `[G, R, ...]` rows (a context-using bank also gets row tokens)."""
+        context = self.experts.prepare_context(inputs, mask)
+        extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
+        if slice_counts is not None:
+            return run_experts_on_slices(self.experts, expert_inputs, slice_counts, training, **extra)
+        return self.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
+
+    def _finish(self, outputs, tokens, unrouted, leading_shape, mask, training):
+        """Residual for tokens no expert computed, shared experts, output shape and mask.
+
+        Args:
+            outputs: `[T, ...o]` combined expert outputs.
+            tokens: `[T, ...]` layer inputs as tokens.
+            unrouted: `[T]` bool, real tokens that got no expert output (all their
+                assignments dropped, or picked by no expert).
+        """
+        if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):
+            rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))
+            outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))
+        outputs = self._add_shared_experts(tokens, outputs, training)
+        outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
+        return self._zero_masked(outputs, mask)
+
+    def _call_token_choice(self, inputs, training, mask):
+        tokens, token_mask, leading_shape = self._flatten_tokens(inputs, mask)
 
         # Route.
         weights, indices, info = self._route(self.experts.router_inputs(tokens), training, token_mask)  # [T, k]
@@ -191,43 +219,19 @@ class MixtureOfExperts(keras.layers.Layer):
             plan = self._plan(indices, active, training)
         expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
 
-        # Experts (a bank with per-call context, e.g. shared attention keys/values, also
-        # learns which token fills each row).
-        context = self.experts.prepare_context(inputs, mask)
-        extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
-        if slice_counts is None:
-            expert_outputs = self.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
-        else:
-            expert_outputs = run_experts_on_slices(self.experts, expert_inputs, slice_counts, training, **extra)
+        # Experts.
+        expert_outputs = self._run_experts(expert_inputs, plan, inputs, mask, training, slice_counts)
 
         # Combine.
         outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
         kept = plan.kept & active
         fully_dropped = ops.any(active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
-        if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):
-            dropped = ops.reshape(fully_dropped, (-1,) + (1,) * (len(tokens.shape) - 1))
-            outputs = outputs + ops.where(dropped, tokens, ops.zeros_like(tokens))
-        outputs = self._add_shared_experts(tokens, outputs, training)
-
         self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training, weights=weights, indices=indices)
-        outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
-        return self._zero_masked(outputs, mask)
+        return self._finish(outputs, tokens, fully_dropped, leading_shape, mask, training)
 
     def _call_expert_choice(self, inputs, training, mask):
         """Expert choice: each expert computes exactly the C tokens it picked."""
-        hidden_dim = self.config.expert_config.hidden_dim
-        if self.experts.token_layout == "example":
-            if mask is not None:
-                raise ValueError(
-                    f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
-                    "and does not take a Keras mask."
-                )
-            leading_shape = ops.shape(inputs)[:1]
-            tokens = inputs  # [T = B, ...]
-        else:
-            leading_shape = ops.shape(inputs)[:-1]
-            tokens = ops.reshape(inputs, (-1, hidden_dim))  # [T, d]
-        token_mask = None if mask is None else ops.reshape(ops.cast(mask, "bool"), (-1,))  # [T]
+        tokens, token_mask, leading_shape = self._flatten_tokens(inputs, mask)
         num_tokens = dispatch_lib.static_dim(tokens, 0)
 
         # Route: slot_weights / token_index [E, C] (T marks an empty slot).
@@ -236,23 +240,15 @@ class MixtureOfExperts(keras.layers.Layer):
         )
         plan = dispatch_lib.plan_expert_choice_dispatch(token_index, num_tokens, self.config.num_experts)
         expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [E, C, d]
-        context = self.experts.prepare_context(inputs, mask)
-        extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
-        expert_outputs = self.experts(expert_inputs, group_expert=None, training=training, **extra)
+        expert_outputs = self._run_experts(expert_inputs, plan, inputs, mask, training)
         outputs, hits = dispatch_lib.combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens)
 
         # A token no expert picked is treated like a fully dropped one.
         unrouted = hits == 0  # [T]
         if token_mask is not None:
             unrouted = unrouted & token_mask
-        if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):
-            unrouted_rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))
-            outputs = outputs + ops.where(unrouted_rows, tokens, ops.zeros_like(tokens))
-        outputs = self._add_shared_experts(tokens, outputs, training)
-
         self._add_losses_and_stats(info, plan, token_mask, unrouted, training)
-        outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
-        return self._zero_masked(outputs, mask)
+        return self._finish(outputs, tokens, unrouted, leading_shape, mask, training)
 
     def _place_on_expert_devices(self, expert_inputs, plan):
         """With `expert_parallel`, shards `[E, C, ...]` buffers like the expert weights."""
