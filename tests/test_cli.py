@@ -95,3 +95,13 @@ def test_bench_rejects_unknown_case():
 
     with pytest.raises(SystemExit):
         cli.main(["bench", "--cases", "z"])
+
+
+def test_dl_moe_command_defaults_to_jax_backend():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    code = "import sys; sys.argv = ['/usr/bin/dl-moe']; import dl_moe, keras; print(keras.backend.backend())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "jax"
