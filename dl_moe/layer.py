@@ -254,7 +254,10 @@ class MixtureOfExperts(keras.layers.Layer):
         """With `expert_parallel`, shards `[E, C, ...]` buffers like the expert weights."""
         if not self.config.expert_parallel or plan.group_expert is not None:
             return expert_inputs  # dropless blocks are not indexed by expert
-        return constrain_to_expert_axis(expert_inputs, self.experts.trainable_weights[0])
+        # Any stacked expert matrix [E, ...] carries the expert axis's layout (the
+        # kernels stay [E, ...] when int8-quantized too).
+        stacked = next(w for w in self.experts.weights if len(w.shape) >= 3)
+        return constrain_to_expert_axis(expert_inputs, stacked)
 
     def _add_shared_experts(self, tokens, outputs, training):
         """outputs `[T, o]` + the shared experts' output on every token `[T, d]`."""
