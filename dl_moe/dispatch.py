@@ -26,7 +26,10 @@ from typing import NamedTuple, Optional
 from keras import ops
 
 CAPACITY_MULTIPLE = 8
-MAX_DROPLESS_BLOCK = 128
+MAX_DROPLESS_BLOCK = 256
+# Cost of copying one block's expert weights, in rows of matmul: an estimate for CPUs
+# (a weight copy moves ~8 bytes per element while a row does 2 flops per element).
+BLOCK_WEIGHT_COST = 32
 
 
 class DispatchPlan(NamedTuple):
@@ -78,16 +81,19 @@ def dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor, mul
 
 
 def dropless_block_size(num_tokens, top_k, num_experts, block_size=None):
-    """Rows per dropless block: the given size, else ~1/4 of the mean group, in [8, 128].
+    """Rows per dropless block: the given size, else ~sqrt(32 * T*k/E), in [8, 256].
 
-    A quarter of the mean group keeps the padding (at most E*(b-1) rows) near 25% of
-    the T*k useful rows, while blocks stay large enough for efficient matmuls.
+    A block costs its b rows of matmul plus one copy of its expert's weights (and the
+    matching gradient), worth about BLOCK_WEIGHT_COST rows; the rows computed are
+    about N + E*b. Minimising (N + E*b) * (1 + BLOCK_WEIGHT_COST / b) gives
+    b = sqrt(BLOCK_WEIGHT_COST * N / E): small blocks for decode-sized batches, where
+    the weight copies dominate, and large ones when groups are long.
     """
     if block_size is not None:
         return block_size
     mean_group = num_tokens * top_k / num_experts
-    block = CAPACITY_MULTIPLE * max(1, int(mean_group / 4) // CAPACITY_MULTIPLE)
-    return min(MAX_DROPLESS_BLOCK, block)
+    block = CAPACITY_MULTIPLE * round(math.sqrt(BLOCK_WEIGHT_COST * mean_group) / CAPACITY_MULTIPLE)
+    return int(min(MAX_DROPLESS_BLOCK, max(CAPACITY_MULTIPLE, block)))
 
 
 def _sort_assignments(expert_index, active, num_experts):
