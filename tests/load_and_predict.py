@@ -1,6 +1,7 @@
 """Loads .keras files on this process's backend and writes their predictions.
 
-Usage: KERAS_BACKEND=... python tests/load_and_predict.py INPUTS.npy OUT_DIR MODEL.keras...
+Usage: KERAS_BACKEND=... python tests/load_and_predict.py OUT_DIR MODEL.keras...
+(each MODEL.keras is predicted on the MODEL.x.npy beside it).
 """
 
 import os
@@ -14,12 +15,12 @@ import numpy as np  # noqa: E402
 import dl_moe  # noqa: E402, F401  (registers the layers)
 
 
-def main(inputs_path, out_dir, *model_paths):
-    x = np.load(inputs_path)
+def main(out_dir, *model_paths):
     for path in model_paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        x = np.load(os.path.join(os.path.dirname(path), f"{name}.x.npy"))
         model = keras.models.load_model(path)  # default safe mode
         prediction = keras.ops.convert_to_numpy(model.predict(x, verbose=0))
-        name = os.path.splitext(os.path.basename(path))[0]
         np.save(os.path.join(out_dir, f"{name}.{keras.backend.backend()}.npy"), prediction)
 
 
