@@ -5,6 +5,8 @@ from keras import ops
 
 from dl_moe.gating.base import BaseGating, select_top_k
 from dl_moe.gating.dynamic import (
+    DEFAULT_MAX_EXPERTS,
+    ExpertCountRange,
     finish_weights,
     first_slots_active,
     interpolate_count,
@@ -13,14 +15,13 @@ from dl_moe.gating.dynamic import (
 )
 from dl_moe.losses import _masked_mean
 
-DEFAULT_MAX_EXPERTS = 4
 DEFAULT_THRESHOLD_LOW = 0.3
 DEFAULT_THRESHOLD_HIGH = 0.7
 DEFAULT_DIFFICULTY_LOSS_WEIGHT = 0.01
 
 
 @keras.saving.register_keras_serializable(package="dl_moe")
-class ConditionalGating(BaseGating):
+class ConditionalGating(ExpertCountRange, BaseGating):
     """Per-token k from a predicted difficulty.
 
     A small difficulty head (d -> h, ReLU, h -> 1, sigmoid) predicts the difficulty
@@ -117,18 +118,6 @@ class ConditionalGating(BaseGating):
             expected_experts=gating.expected_experts,
             **cls.common_kwargs(config, name),
         )
-
-    @classmethod
-    def validate_for_layer(cls, moe_config):
-        gating = moe_config.gating_config
-        max_k = gating.max_experts or min(DEFAULT_MAX_EXPERTS, moe_config.num_experts)
-        validate_count_range("GatingConfig", gating.min_experts or 1, max_k, moe_config.num_experts)
-
-    @property
-    def expected_k(self):
-        if self.expected_experts is not None:
-            return min(max(float(self.expected_experts), self.min_experts), self.max_experts)
-        return (self.min_experts + self.max_experts) / 2
 
     def build(self, input_shape):
         super().build(input_shape)

@@ -5,6 +5,8 @@ from keras import ops
 
 from dl_moe.gating.base import BaseGating, select_top_k
 from dl_moe.gating.dynamic import (
+    DEFAULT_MAX_EXPERTS,
+    ExpertCountRange,
     finish_weights,
     first_slots_active,
     interpolate_count,
@@ -12,11 +14,9 @@ from dl_moe.gating.dynamic import (
     validate_count_range,
 )
 
-DEFAULT_MAX_EXPERTS = 4
-
 
 @keras.saving.register_keras_serializable(package="dl_moe")
-class ConfidenceGating(BaseGating):
+class ConfidenceGating(ExpertCountRange, BaseGating):
     """Fewer experts for confident tokens, more for uncertain ones.
 
     p = softmax(x W / temperature) `[T, E]`, then per token
@@ -85,18 +85,6 @@ class ConfidenceGating(BaseGating):
             expected_experts=gating.expected_experts,
             **cls.common_kwargs(config, name),
         )
-
-    @classmethod
-    def validate_for_layer(cls, moe_config):
-        gating = moe_config.gating_config
-        max_k = gating.max_experts or min(DEFAULT_MAX_EXPERTS, moe_config.num_experts)
-        validate_count_range("GatingConfig", gating.min_experts or 1, max_k, moe_config.num_experts)
-
-    @property
-    def expected_k(self):
-        if self.expected_experts is not None:
-            return min(max(float(self.expected_experts), self.min_experts), self.max_experts)
-        return (self.min_experts + self.max_experts) / 2
 
     def complexity(self, probs):
         """Per-token complexity `[T]` in [0, 1] (after `layer_depth_scale`)."""

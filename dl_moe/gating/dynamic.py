@@ -51,3 +51,28 @@ def validate_count_range(owner, min_k, max_k, num_experts):
             f"{owner}: need 1 <= min_experts <= max_experts <= num_experts={num_experts}, "
             f"got min_experts={min_k!r}, max_experts={max_k!r}."
         )
+
+
+# Most experts per token of a min/max-k router when `max_experts` is not set.
+DEFAULT_MAX_EXPERTS = 4
+
+
+class ExpertCountRange:
+    """Mixin of routers whose k varies in [min_experts, max_experts] (conditional,
+    confidence): the config rule and the expected k that sizes expert capacity.
+
+    The router sets `min_experts`, `max_experts` and `expected_experts` attributes.
+    """
+
+    @classmethod
+    def validate_for_layer(cls, moe_config):
+        gating = moe_config.gating_config
+        max_k = gating.max_experts or min(DEFAULT_MAX_EXPERTS, moe_config.num_experts)
+        validate_count_range("GatingConfig", gating.min_experts or 1, max_k, moe_config.num_experts)
+
+    @property
+    def expected_k(self):
+        """`expected_experts` clipped to the range, else the middle of the range."""
+        if self.expected_experts is not None:
+            return min(max(float(self.expected_experts), self.min_experts), self.max_experts)
+        return (self.min_experts + self.max_experts) / 2
