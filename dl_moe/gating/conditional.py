@@ -3,12 +3,10 @@
 import keras
 from keras import ops
 
-from dl_moe.gating.base import BaseGating, select_top_k
+from dl_moe.gating.base import BaseGating
 from dl_moe.gating.dynamic import (
     DEFAULT_MAX_EXPERTS,
     ExpertCountRange,
-    finish_weights,
-    first_slots_active,
     interpolate_count,
     normalized_entropy,
     validate_count_range,
@@ -148,9 +146,7 @@ class ConditionalGating(ExpertCountRange, BaseGating):
         span = self.threshold_high - self.threshold_low
         score = (ops.stop_gradient(difficulty) - self.threshold_low) / span
         counts = interpolate_count(score, self.min_experts, self.max_experts)  # [T]
-        weights, indices = select_top_k(probs, self.max_experts, False, bias=self.selection_bias())  # [T, K]
-        active = first_slots_active(counts, self.max_experts)
-        weights = finish_weights(weights, active, self.normalize_top_k)
+        weights, indices, active = self.keep_first(probs, counts)  # [T, K]
         info = {"gate_logits": logits, "raw_gate_probs": probs, "active": active, "difficulty": difficulty}
         return weights, indices, info
 

@@ -3,12 +3,10 @@
 import keras
 from keras import ops
 
-from dl_moe.gating.base import BaseGating, select_top_k
+from dl_moe.gating.base import BaseGating
 from dl_moe.gating.dynamic import (
     DEFAULT_MAX_EXPERTS,
     ExpertCountRange,
-    finish_weights,
-    first_slots_active,
     interpolate_count,
     normalized_entropy,
     validate_count_range,
@@ -98,9 +96,7 @@ class ConfidenceGating(ExpertCountRange, BaseGating):
         probs = ops.softmax(logits, axis=-1)
         complexity = ops.stop_gradient(self.complexity(probs))  # [T]
         counts = interpolate_count(complexity, self.min_experts, self.max_experts)  # [T]
-        weights, indices = select_top_k(probs, self.max_experts, False, bias=self.selection_bias())  # [T, K]
-        active = first_slots_active(counts, self.max_experts)
-        weights = finish_weights(weights, active, self.normalize_top_k)
+        weights, indices, active = self.keep_first(probs, counts)  # [T, K]
         info = {"gate_logits": logits, "raw_gate_probs": probs, "active": active, "complexity": complexity}
         return weights, indices, info
 

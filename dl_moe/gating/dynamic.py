@@ -10,6 +10,8 @@ import math
 
 from keras import ops
 
+from dl_moe.gating.base import select_top_k
+
 
 def first_slots_active(counts, max_k):
     """`[T, K]` bool with the first `counts[t]` slots of token t active.
@@ -61,7 +63,8 @@ class ExpertCountRange:
     """Mixin of routers whose k varies in [min_experts, max_experts] (conditional,
     confidence): the config rule and the expected k that sizes expert capacity.
 
-    The router sets `min_experts`, `max_experts` and `expected_experts` attributes.
+    The router sets `min_experts`, `max_experts`, `expected_experts` and
+    `normalize_top_k` attributes and has `selection_bias()` (from `BaseGating`).
     """
 
     @classmethod
@@ -69,6 +72,16 @@ class ExpertCountRange:
         gating = moe_config.gating_config
         max_k = gating.max_experts or min(DEFAULT_MAX_EXPERTS, moe_config.num_experts)
         validate_count_range("GatingConfig", gating.min_experts or 1, max_k, moe_config.num_experts)
+
+    def keep_first(self, probs, counts):
+        """The top `max_experts` experts of `probs [T, E]`, the first `counts [T]` active.
+
+        Returns:
+            `(weights [T, K], indices [T, K], active [T, K])`, inactive weights zero.
+        """
+        weights, indices = select_top_k(probs, self.max_experts, False, bias=self.selection_bias())
+        active = first_slots_active(counts, self.max_experts)
+        return finish_weights(weights, active, self.normalize_top_k), indices, active
 
     @property
     def expected_k(self):
