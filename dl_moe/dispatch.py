@@ -380,9 +380,7 @@ def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
     """
     feature_shape = tuple(expert_outputs.shape[2:])
     rows = ops.reshape(expert_outputs, (-1,) + feature_shape)  # [E*C, ...]
-    weights = ops.cast(ops.reshape(slot_weights, (-1,)), rows.dtype)
-    for _ in feature_shape:
-        weights = ops.expand_dims(weights, -1)
+    weights = _broadcast_weights(ops.cast(ops.reshape(slot_weights, (-1,)), rows.dtype), len(feature_shape))
     target = ops.expand_dims(ops.reshape(plan.slot_token, (-1,)), -1)  # [E*C, 1]; T = empty
     padded_shape = (num_tokens + 1,) + tuple(ops.shape(expert_outputs)[2:])
     outputs = ops.scatter(target, rows * weights, padded_shape)[:num_tokens]
