@@ -124,7 +124,11 @@ def _sort_assignments(expert_index, active, num_experts):
 def _unsort(values_sorted, order, num_tokens, top_k):
     """Inverse of the sort: `[N]` values in sorted order → `[T, k]` per assignment."""
     num_assignments = num_tokens * top_k
-    flat = ops.scatter(ops.expand_dims(order, -1), values_sorted, (num_assignments,))
+    # `order` is a permutation, so a plain (non-accumulating) scatter inverts it; it is
+    # vectorised on every backend, where `ops.scatter` loops in Python on torch.
+    flat = ops.scatter_update(
+        ops.zeros((num_assignments,), values_sorted.dtype), ops.expand_dims(order, -1), values_sorted
+    )
     return ops.transpose(ops.reshape(flat, (top_k, num_tokens)))
 
 
@@ -381,8 +385,9 @@ def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
     feature_shape = tuple(expert_outputs.shape[2:])
     rows = ops.reshape(expert_outputs, (-1,) + feature_shape)  # [E*C, ...]
     weights = _broadcast_weights(ops.cast(ops.reshape(slot_weights, (-1,)), rows.dtype), len(feature_shape))
-    target = ops.expand_dims(ops.reshape(plan.slot_token, (-1,)), -1)  # [E*C, 1]; T = empty
-    padded_shape = (num_tokens + 1,) + tuple(ops.shape(expert_outputs)[2:])
-    outputs = ops.scatter(target, rows * weights, padded_shape)[:num_tokens]
-    hits = ops.scatter(target, ops.ones_like(target[:, 0]), (num_tokens + 1,))[:num_tokens]
+    target = ops.reshape(plan.slot_token, (-1,))  # [E*C]; T = empty
+    # segment_sum is a vectorised scatter-add on every backend (`ops.scatter` loops
+    # in Python on torch); segment T collects the empty slots and is cut off.
+    outputs = ops.segment_sum(rows * weights, target, num_segments=num_tokens + 1, sorted=False)[:num_tokens]
+    hits = ops.segment_sum(ops.ones_like(target), target, num_segments=num_tokens + 1, sorted=False)[:num_tokens]
     return outputs, hits
