@@ -1,11 +1,16 @@
 """Backend-specific fast paths. Each has a test that it equals the portable path.
 
-Eager PyTorch, dropless mode: the portable dropless path pads every expert's rows to
-whole blocks and gathers each block's expert weights, which static shapes under XLA
-require. Eager PyTorch has no such constraint: rows sorted by expert are cut into one
-contiguous slice per expert and each slice runs against its expert alone. The work
-is exactly the routed rows, and no weights are copied.
+Eager PyTorch, capacity and dropless modes: the portable paths give every expert a
+fixed-size buffer (capacity mode: C rows, padded when the expert got fewer) or pad
+every expert's rows to whole blocks and gather each block's expert weights (dropless
+mode), which static shapes under XLA require. Eager PyTorch has no such constraint:
+the computed assignments, sorted by expert, are cut into one contiguous slice per
+expert and each slice runs against its expert alone. The work is exactly the
+computed rows (no padding rows), and no weights are copied. Capacity mode keeps and
+drops exactly the assignments the portable path does.
 """
+
+import itertools
 
 import keras
 from keras import ops
@@ -13,7 +18,7 @@ from keras import ops
 from dl_moe import dispatch as dispatch_lib
 
 
-def torch_eager_dropless_enabled():
+def torch_eager_slices_enabled():
     """True when running eagerly on PyTorch (not under torch.compile tracing)."""
     if keras.backend.backend() != "torch":
         return False
@@ -25,9 +30,11 @@ def torch_eager_dropless_enabled():
 def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
     """Runs a bank on the contiguous per-expert slices of `[1, N, ...]` rows.
 
+    A bank with `supports_slice_counts` takes all slices in one call. Any other bank
+    is called once per expert that has rows, with `group_expert=[e]`.
+
     Args:
-        experts: An `ExpertBank`; each slice is passed as one group with
-            `group_expert=[e]`, a one-row gather of the expert's weights.
+        experts: An `ExpertBank`.
         expert_inputs: `[1, N, ...]` rows of a `plan_ragged_dispatch` plan.
         counts: Python list of rows per expert (they come first, in expert order).
         training: Passed to the bank.
@@ -37,18 +44,23 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
     Returns:
         `[1, N, ...out]`; the rows past sum(counts) (inactive assignments) are zeros.
     """
-    rows = expert_inputs[0]
-    outputs, start = [], 0
     row_token = extra.pop("row_token", None)
-    for expert, count in enumerate(counts):
+    if experts.supports_slice_counts and row_token is None:
+        return experts(expert_inputs, slice_counts=list(counts), training=training, **extra)
+    rows = expert_inputs[0]
+    used = sum(counts)
+    # One split (not one slice per expert): the backward pass then concatenates the
+    # slices' gradients once instead of padding each to the full size.
+    pieces = ops.split(rows, list(itertools.accumulate(counts)), axis=0)
+    outputs, start = [], 0
+    for expert, (piece, count) in enumerate(zip(pieces, counts)):
         if count == 0:
             continue
-        piece = rows[start : start + count][None]  # [1, count, ...]
         kwargs = dict(extra)
         if row_token is not None:
             kwargs["row_token"] = row_token[:, start : start + count]
         group = ops.convert_to_tensor([expert], dtype="int32")
-        outputs.append(experts(piece, group_expert=group, training=training, **kwargs)[0])
+        outputs.append(experts(piece[None], group_expert=group, training=training, **kwargs)[0])
         start += count
     total = dispatch_lib.static_dim(rows, 0)
     if outputs:
@@ -56,6 +68,6 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
     else:
         out_shape = experts.compute_output_shape((1, 1) + tuple(rows.shape[1:]))[2:]
         out = ops.zeros((0,) + tuple(out_shape), dtype=experts.compute_dtype)
-    if start < total:
-        out = ops.concatenate([out, ops.zeros((total - start,) + tuple(out.shape[1:]), dtype=out.dtype)], axis=0)
+    if used < total:
+        out = ops.concatenate([out, ops.zeros((total - used,) + tuple(out.shape[1:]), dtype=out.dtype)], axis=0)
     return out[None]

@@ -220,13 +220,21 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     )
 
 
-def plan_ragged_dispatch(expert_index, active, num_experts):
-    """Eager-only dropless plan: every active assignment in one row, sorted by expert.
+def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
+    """Eager-only plan: every computed assignment in one row, grouped by expert.
 
     Rows form a single group `[1, N]`; expert e owns the contiguous rows
-    `starts[e]:starts[e + 1]` and inactive assignments sit, empty, at the end. The
+    `starts[e]:starts[e + 1]` and the rows past the computed assignments are empty. The
     per-expert row counts come back as Python ints, so this needs concrete tensors (no
-    tracing); it computes exactly the N_active useful rows with no block padding.
+    tracing); it computes exactly the useful rows, with no block or capacity padding.
+
+    Args:
+        expert_index: `[T, k]` int expert of each assignment.
+        active: `[T, k]` bool.
+        num_experts: E.
+        capacity: None for dropless; else each expert computes its first `capacity`
+            assignments in the priority order of `plan_capacity_dispatch` and drops the
+            rest, so the same assignments are kept as in capacity mode.
 
     Returns:
         `(plan, counts)`: a `DispatchPlan` with `slot_token [1, N]` and the list of
@@ -235,6 +243,12 @@ def plan_ragged_dispatch(expert_index, active, num_experts):
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
     num_assignments = num_tokens * top_k
+    routed_per_expert = None
+    if capacity is not None:
+        _, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
+        routed_per_expert = starts[1:] - starts[:-1]
+        kept = ops.cast((rank < capacity) & (sorted_expert < num_experts), "int32")
+        active = _unsort(kept, order, num_tokens, top_k) > 0
     sorted_token, sorted_expert, starts, _, order = _sort_assignments(expert_index, active, num_experts)
     valid = sorted_expert < num_experts
     position = ops.arange(num_assignments, dtype="int32")
@@ -243,7 +257,7 @@ def plan_ragged_dispatch(expert_index, active, num_experts):
         slot_token=ops.expand_dims(ops.where(valid, sorted_token, num_tokens), 0),
         assignment_slot=_unsort(ops.where(valid, position, num_assignments), order, num_tokens, top_k),
         group_expert=None,
-        routed_per_expert=counts,
+        routed_per_expert=counts if routed_per_expert is None else routed_per_expert,
         processed_per_expert=counts,
         slot_assignment=ops.expand_dims(ops.where(valid, order, num_assignments), 0),
     )
@@ -317,7 +331,10 @@ def combine(expert_outputs, plan, weights):
         return ops.take(rows, plan.assignment_slot, axis=0)  # [T, k, ...]
 
     def weighted_sum(gathered, w):
-        return ops.sum(gathered * _broadcast_weights(ops.cast(w, gathered.dtype), rank), axis=1)
+        # A contraction over k: no [T, k, ...] product is materialised.
+        flat = ops.reshape(gathered, ops.shape(gathered)[:2] + (-1,))  # [T, k, F]
+        summed = ops.einsum("tk,tkf->tf", ops.cast(w, gathered.dtype), flat)
+        return ops.reshape(summed, ops.shape(gathered)[:1] + ops.shape(gathered)[2:])
 
     if plan.slot_assignment is None:
         return weighted_sum(gather_assignments(expert_outputs), weights)
@@ -329,8 +346,9 @@ def combine(expert_outputs, plan, weights):
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)  # [T, ...]
             # d/d weights[t, j] = <upstream[t], output of assignment (t, j)>.
-            products = gathered * ops.expand_dims(upstream, 1)
-            grad_weights = ops.cast(ops.sum(ops.reshape(products, ops.shape(products)[:2] + (-1,)), axis=-1), w.dtype)
+            flat_gathered = ops.reshape(gathered, ops.shape(gathered)[:2] + (-1,))  # [T, k, F]
+            flat_upstream = ops.reshape(upstream, ops.shape(upstream)[:1] + (-1,))  # [T, F]
+            grad_weights = ops.cast(ops.einsum("tkf,tf->tk", flat_gathered, flat_upstream), w.dtype)
             # d/d row r = weight of the row's assignment * upstream of the row's token.
             flat_weights = _append_zero_row(ops.reshape(ops.transpose(ops.cast(w, upstream.dtype)), (-1,)))
             row_weights = ops.take(flat_weights, plan.slot_assignment, axis=0)  # [G, R]

@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
-from dl_moe.backend_fast_paths import run_experts_on_slices, torch_eager_dropless_enabled
+from dl_moe.backend_fast_paths import run_experts_on_slices, torch_eager_slices_enabled
 from dl_moe.config import MoEConfig
 from dl_moe.distribution import constrain_to_expert_axis
 from dl_moe.experts.ffn import FFNExpertBank
@@ -212,11 +212,7 @@ class MixtureOfExperts(keras.layers.Layer):
         weights = ops.where(active, weights, ops.zeros_like(weights))
 
         # Dispatch.
-        slice_counts = None
-        if not self.config.drop_tokens and torch_eager_dropless_enabled():
-            plan, slice_counts = dispatch_lib.plan_ragged_dispatch(indices, active, self.config.num_experts)
-        else:
-            plan = self._plan(indices, active, training)
+        plan, slice_counts = self._plan(indices, active, training)
         expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
 
         # Experts.
@@ -333,6 +329,12 @@ class MixtureOfExperts(keras.layers.Layer):
         return weights, ops.cast(indices, "int32"), info
 
     def _plan(self, indices, active, training):
+        """The dispatch plan of `[T, k]` assignments.
+
+        Returns:
+            `(plan, slice_counts)`: `slice_counts` is None, or (eager PyTorch) the
+            per-expert row counts of a plan whose rows are contiguous expert slices.
+        """
         num_experts = self.config.num_experts
         num_tokens = dispatch_lib.static_dim(indices, 0)
         # Buffers are sized for the router's average experts per token: `expected_k` is
@@ -340,20 +342,26 @@ class MixtureOfExperts(keras.layers.Layer):
         # (their inactive slots take no capacity), so a router averaging 1.3 experts
         # gets C = ceil(cf * T * 1.3 / E) rows per expert, not the k_max bound.
         top_k = min(getattr(self.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+        # Expert-parallel buffers must stay [E, C, ...] to be sharded by expert.
+        slices = torch_eager_slices_enabled() and not self.config.expert_parallel
         if not self.config.drop_tokens:
+            if slices:
+                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
             if isinstance(num_tokens, int):
                 block = dispatch_lib.dropless_block_size(
                     num_tokens, top_k, num_experts, self.config.dropless_block_size
                 )
             else:
                 block = self.config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
-            return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block)
+            return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
         capacity_factor = self.config.capacity_factor(bool(training))
         if isinstance(num_tokens, int):
             capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+            if slices:
+                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
         else:
             capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-        return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity)
+        return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
 
     def add_loss(self, loss):
         """Registers `loss` as float32 (Keras sums it with the float32 model loss), so a

@@ -1,4 +1,8 @@
-"""Each backend fast path gives the same result as the portable path."""
+"""Each backend fast path gives the same result as the portable path.
+
+The eager slice path is plain eager code, so it is forced on (and off) with a
+monkeypatch and checked on every backend, not only on PyTorch, which uses it.
+"""
 
 import numpy as np
 import pytest
@@ -9,46 +13,124 @@ from dl_moe import backend_fast_paths
 from tests import reference
 from tests.layer_checks import BACKEND, trainable_gradients
 
+SLICES_SWITCH = "dl_moe.layer.torch_eager_slices_enabled"
 
-def outputs_and_gradients(layer, x):
-    out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
-    return out, trainable_gradients(layer, x)
+
+def randomized_layer(x, seed=1, **kwargs):
+    layer = dl_moe.create_ffn_moe(**kwargs)
+    layer.build(x.shape)
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
+    return layer
+
+
+def routing_counters(layer):
+    names = ("routed_tokens_per_expert", "processed_tokens_per_expert", "dropped_tokens")
+    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
+
+
+def run_both_paths(layer, x, monkeypatch, training=True):
+    """Outputs, gradients and counters of the portable path, then of the slice path.
+
+    Gradients of the slice path are skipped on JAX, where gradients trace the layer
+    and the slices (which need concrete row counts) are never taken.
+    """
+    results = []
+    for slices in (False, True):
+        monkeypatch.setattr(SLICES_SWITCH, lambda slices=slices: slices)
+        layer.reset_routing_stats()
+        out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
+        counters = routing_counters(layer)
+        grads = None if (slices and BACKEND == "jax") else trainable_gradients(layer, x, training=training)
+        results.append((out, grads, counters))
+    return results
+
+
+def assert_same_results(portable, fast):
+    (portable_out, portable_grads, portable_counters), (fast_out, fast_grads, fast_counters) = portable, fast
+    np.testing.assert_allclose(fast_out, portable_out, rtol=1e-5, atol=1e-6)
+    for key, value in portable_counters.items():
+        np.testing.assert_array_equal(fast_counters[key], value, err_msg=key)
+    if fast_grads is not None:
+        for name, grad in portable_grads.items():
+            np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("ffn_type, top_k", [("swiglu", 2), ("mlp", 3)])
 def test_eager_slices_equal_portable_dropless_blocks(ffn_type, top_k, monkeypatch):
     x = np.random.default_rng(0).normal(size=(3, 11, 8)).astype("float32")
-    layer = dl_moe.create_ffn_moe(6, 8, top_k=top_k, intermediate_size=12, ffn_type=ffn_type, drop_tokens=False)
-    layer.build(x.shape)
-    rng = np.random.default_rng(1)
-    for v in layer.trainable_weights:
-        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
-    # Portable path (forced off), then the slice path (forced on: it is plain eager
-    # code, so it can be checked on every backend, not only the one that uses it).
-    monkeypatch.setattr("dl_moe.layer.torch_eager_dropless_enabled", lambda: False)
-    portable_out, portable_grads = outputs_and_gradients(layer, x)
-    if BACKEND != "jax":  # JAX gradients trace the layer, where slices are not possible
-        monkeypatch.setattr("dl_moe.layer.torch_eager_dropless_enabled", lambda: True)
-        fast_out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
-        np.testing.assert_allclose(fast_out, portable_out, rtol=1e-5, atol=1e-6)
-        fast_grads = trainable_gradients(layer, x)
-        for name, grad in portable_grads.items():
-            np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6, err_msg=name)
+    layer = randomized_layer(
+        x, num_experts=6, hidden_dim=8, top_k=top_k, intermediate_size=12, ffn_type=ffn_type, drop_tokens=False
+    )
+    portable, fast = run_both_paths(layer, x, monkeypatch)
+    assert_same_results(portable, fast)
     ref = reference.token_choice_moe(
         x.reshape(-1, 8), reference.weights_of(layer), num_experts=6, top_k=top_k, ffn_type=ffn_type
     )
-    np.testing.assert_allclose(portable_out.reshape(-1, 8), ref["out"], atol=1e-5)
+    np.testing.assert_allclose(portable[0].reshape(-1, 8), ref["out"], atol=1e-5)
+
+
+@pytest.mark.parametrize("ffn_type, top_k, capacity_factor", [("swiglu", 2, 0.5), ("geglu", 1, 0.5), ("mlp", 3, 0.75)])
+def test_eager_slices_equal_portable_capacity_buffers(ffn_type, top_k, capacity_factor, monkeypatch):
+    # 40 tokens over 4 experts with C = 8 rows: experts overflow, so the slice path must
+    # keep and drop exactly the assignments the [E, C] buffers do.
+    x = np.random.default_rng(3).normal(size=(4, 10, 8)).astype("float32")
+    layer = randomized_layer(
+        x,
+        num_experts=4,
+        hidden_dim=8,
+        top_k=top_k,
+        intermediate_size=12,
+        ffn_type=ffn_type,
+        train_capacity_factor=capacity_factor,
+    )
+    portable, fast = run_both_paths(layer, x, monkeypatch)
+    counters = portable[2]
+    assert np.sum(counters["processed_tokens_per_expert"]) < np.sum(counters["routed_tokens_per_expert"])
+    assert_same_results(portable, fast)
+    w = reference.weights_of(layer)
+    cap = reference.capacity(40, top_k, 4, capacity_factor)
+    ref = reference.token_choice_moe(x.reshape(-1, 8), w, num_experts=4, top_k=top_k, ffn_type=ffn_type, cap=cap)
+    np.testing.assert_allclose(fast[0].reshape(-1, 8), ref["out"], atol=1e-5)
+
+
+def test_eager_slices_equal_portable_quantized_bank(monkeypatch):
+    x = np.random.default_rng(4).normal(size=(2, 9, 8)).astype("float32")
+    layer = randomized_layer(x, num_experts=4, hidden_dim=8, top_k=2, intermediate_size=12, ffn_type="swiglu")
+    layer.quantize("int8")
+    portable, fast = run_both_paths(layer, x, monkeypatch, training=False)
+    assert_same_results(portable, fast)
 
 
 def test_slice_path_is_used_exactly_on_eager_torch():
-    assert backend_fast_paths.torch_eager_dropless_enabled() == (BACKEND == "torch")
+    assert backend_fast_paths.torch_eager_slices_enabled() == (BACKEND == "torch")
 
 
-def test_slice_path_with_masked_tokens_and_idle_experts(monkeypatch):
-    monkeypatch.setattr("dl_moe.layer.torch_eager_dropless_enabled", lambda: True)
+@pytest.mark.parametrize("drop_tokens", [False, True])
+def test_slice_path_with_masked_tokens_and_idle_experts(drop_tokens, monkeypatch):
+    monkeypatch.setattr(SLICES_SWITCH, lambda: True)
     x = np.random.default_rng(2).normal(size=(1, 6, 8)).astype("float32")
     mask = np.array([[True, True, False, True, False, False]])
-    layer = dl_moe.create_ffn_moe(8, 8, top_k=1, intermediate_size=8, drop_tokens=False)
+    layer = dl_moe.create_ffn_moe(8, 8, top_k=1, intermediate_size=8, drop_tokens=drop_tokens)
     out = np.asarray(ops.convert_to_numpy(layer(x, mask=mask)))
     ref = reference.token_choice_moe(x[0], reference.weights_of(layer), num_experts=8, top_k=1, mask=mask[0])
     np.testing.assert_allclose(out[0], ref["out"], atol=1e-5)
+
+
+def test_slice_path_runs_other_banks_once_per_expert(monkeypatch):
+    # A bank without `supports_slice_counts` (here attention experts, which also need
+    # the row tokens) gets one call per expert with rows.
+    x = np.random.default_rng(5).normal(size=(2, 5, 8)).astype("float32")
+    layer = dl_moe.MixtureOfExperts(
+        dl_moe.MoEConfig(
+            num_experts=3,
+            expert_config=dl_moe.ExpertConfig(expert_type="attention", hidden_dim=8, num_heads=2),
+            gating_config=dl_moe.GatingConfig(top_k=2),
+            train_capacity_factor=0.5,
+        )
+    )
+    layer.build(x.shape)
+    assert not layer.experts.supports_slice_counts
+    portable, fast = run_both_paths(layer, x, monkeypatch)
+    assert_same_results(portable, fast)

@@ -102,9 +102,14 @@ def test_each_expert_sees_only_its_rows():
         MoEConfig(num_experts=4, expert_config=ExpertConfig(expert_type="test_recorder", hidden_dim=4),
                   gating_config=GatingConfig(top_k=1), eval_capacity_factor=1.0)
     )
+    layer.build((64, 4))
+    seen.clear()
     layer(np.ones((64, 4), "float32"))
-    # Capacity mode: each expert gets its C = 16 rows, never the 64 tokens.
-    assert {name: rows[-1] for name, rows in seen.items()} == {f"expert_{i}": 16 for i in range(4)}
+    # Capacity mode: the 64 identical tokens all pick one expert, which computes its
+    # C = 16 rows, never the 64 tokens. (The portable path also calls the idle
+    # experts on their empty C-row buffers; eager PyTorch skips them.)
+    calls = [rows for per_expert in seen.values() for rows in per_expert]
+    assert max(calls) == 16 and all(rows in (0, 16) for rows in calls), seen
 
 
 def test_fit_and_keras_round_trip(tmp_path):

@@ -150,7 +150,8 @@ def test_expert_matmuls_run_in_the_compute_dtype(policy, quantized, monkeypatch)
     spy = _MatmulSpy()
     monkeypatch.setattr(ffn_module, "ops", spy)
     layer(x, training=True)
-    assert len(spy.dtypes) == 3  # gate, up, down
+    # gate, up and down: once for all experts, or once per expert with rows (eager torch).
+    assert spy.dtypes and len(spy.dtypes) % 3 == 0
     assert all(pair == (COMPUTE[policy], COMPUTE[policy]) for pair in spy.dtypes), spy.dtypes
 
 

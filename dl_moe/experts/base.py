@@ -39,11 +39,16 @@ class ExpertBank(keras.layers.Layer):
         input_rank: The layer input's required rank, or None for any rank >= 2.
         config_fields: The type-specific `ExpertConfig` fields the bank reads; setting
             any other type-specific field is a `ValueError`.
+        supports_slice_counts: The bank's `call` also accepts `slice_counts` (a list
+            of E Python ints) in place of `group_expert`: one group `[1, N, ...]` whose
+            rows are sorted by expert, `slice_counts[e]` rows per expert. Eager
+            PyTorch then runs the bank once per call; other banks run once per expert.
     """
 
     token_layout = "token"
     input_rank = None
     config_fields = ()
+    supports_slice_counts = False
 
     def prepare_context(self, inputs, mask=None):
         """Per-call context computed once from the layer's whole input (default: None).

@@ -1,9 +1,12 @@
 """Feed-forward expert bank: E FFNs stored as stacked weight tensors."""
 
+import itertools
+
 import keras
 from keras import ops
 from keras.quantizers import AbsMaxQuantizer
 
+from dl_moe import dispatch as dispatch_lib
 from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
 
@@ -145,18 +148,25 @@ class FFNExpertBank(ExpertBank):
             y = y + ops.expand_dims(bias, 1)
         return y
 
-    def call(self, inputs, group_expert=None, training=None):
+    def call(self, inputs, group_expert=None, training=None, slice_counts=None):
         """Applies each group's expert.
 
         Args:
             inputs: `[G, R, d]` dispatched rows.
             group_expert: `[G]` int32 owner of each group, or None when G == E.
             training: Enables dropout.
+            slice_counts: Eager alternative to groups (see `supports_slice_counts`):
+                `inputs` is `[1, N, d]` with rows sorted by expert, the first
+                `slice_counts[0]` rows for expert 0, the next `slice_counts[1]` for
+                expert 1, and so on; rows past `sum(slice_counts)` are empty.
 
         Returns:
-            `[G, R, o]`.
+            `[G, R, o]` (empty slice rows are zeros).
         """
-        return self._ffn(inputs, group_expert, training, quantized=self.quantization_mode == "int8")
+        quantized = self.quantization_mode == "int8"
+        if slice_counts is not None:
+            return self._ffn_on_slices(inputs, slice_counts, training, quantized)
+        return self._ffn(inputs, group_expert, training, quantized)
 
     def _ffn(self, inputs, group_expert, training, quantized):
         def project(x, name):
@@ -164,14 +174,68 @@ class FFNExpertBank(ExpertBank):
             scale = getattr(self, name + "_kernel_scale") if quantized else None
             return self._project(x, getattr(self, name + "_kernel"), bias, group_expert, scale)
 
-        up = project(inputs, "up")  # [G, R, h]
+        return self._ffn_body(inputs, project, training)
+
+    def _ffn_body(self, inputs, project, training):
+        """The FFN on `inputs`, with `project(x, name)` applying the "gate"/"up"/"down" matrix."""
+        up = project(inputs, "up")  # [..., h]
         if self.ffn_type == "mlp":
             hidden = self._hidden_activation(up)
         else:
             hidden = self._hidden_activation(project(inputs, "gate")) * up
         if training and self.dropout_rate > 0:
             hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
-        return project(hidden, "down")  # [G, R, o]
+        return project(hidden, "down")  # [..., o]
+
+    # Rows that arrive as contiguous per-expert slices (eager PyTorch, see
+    # dl_moe.backend_fast_paths) run as one plain matmul per expert.
+    supports_slice_counts = True
+
+    def _ffn_on_slices(self, inputs, slice_counts, training, quantized):
+        """`[1, N, d]` rows in per-expert slices → `[1, N, o]`.
+
+        The stacked weights are unstacked once and the rows split once, so the backward
+        pass stacks and concatenates the per-expert gradients once, instead of writing
+        each expert's gradient into a full-size zero tensor.
+        """
+        rows = inputs[0]  # [N, d]
+        num_rows = dispatch_lib.static_dim(rows, 0)
+        used = sum(slice_counts)
+        split_points = list(itertools.accumulate(slice_counts))  # E points → E + 1 pieces
+        pieces = ops.split(rows, split_points, axis=0)
+        names = ["up", "down"] + (["gate"] if self.ffn_type != "mlp" else [])
+        per_expert = {}
+        for name in names:
+            per_expert[name] = ops.unstack(ops.convert_to_tensor(getattr(self, name + "_kernel")), axis=0)
+            if self.use_bias:
+                per_expert[name + "_bias"] = ops.unstack(ops.convert_to_tensor(getattr(self, name + "_bias")), axis=0)
+            if quantized:
+                per_expert[name + "_scale"] = ops.unstack(
+                    ops.convert_to_tensor(getattr(self, name + "_kernel_scale")), axis=0
+                )
+
+        def project_with(expert):
+            def project(x, name):
+                kernel = per_expert[name][expert]  # [a, b]
+                if quantized:
+                    y = ops.matmul(x, ops.cast(kernel, x.dtype)) / ops.cast(per_expert[name + "_scale"][expert], x.dtype)
+                else:
+                    y = ops.matmul(x, kernel)
+                if self.use_bias:
+                    y = y + per_expert[name + "_bias"][expert]
+                return y
+
+            return project
+
+        outputs = [
+            self._ffn_body(piece, project_with(expert), training)
+            for expert, (piece, count) in enumerate(zip(pieces, slice_counts))
+            if count > 0
+        ]
+        out_dim = self.output_dim or self._input_dim
+        if used < num_rows:
+            outputs.append(ops.zeros((num_rows - used, out_dim), dtype=self.compute_dtype))
+        return ops.expand_dims(ops.concatenate(outputs, axis=0), 0)
 
     # ----------------------------------------------------------- quantization
     # The protocol of keras.layers.Dense: `quantize` converts a built float bank,
@@ -211,8 +275,8 @@ class FFNExpertBank(ExpertBank):
                 ),
             )
 
-    def _int8_call(self, inputs, group_expert=None, training=None):
-        return self._ffn(inputs, group_expert, training, quantized=True)
+    def _int8_call(self, inputs, group_expert=None, training=None, slice_counts=None):
+        return self.call(inputs, group_expert=group_expert, training=training, slice_counts=slice_counts)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantizes the built bank's kernels in place.
