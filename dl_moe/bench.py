@@ -5,6 +5,9 @@
 * all-experts: every expert runs on every token and the outputs are weighted by the
   (mostly zero) routing weights, which is what keras-hub's Mixtral/Qwen MoE blocks do.
 
+It also times the layer's expert bank alone on balanced rows ("experts only"): the
+matmuls without routing, dispatch or combine, the ceiling of any dispatch design.
+
 Every measurement is forward + backward in training mode, compiled (XLA on JAX and
 TensorFlow, eager PyTorch), float32, the median of `repeats` timed runs after warm-up.
 Results are ratios measured in one process, so machine noise mostly cancels.
@@ -120,22 +123,30 @@ def build_layers(case):
     }
 
 
+def _jax_grad_fn(layer):
+    """Jitted `(trainable, non_trainable, inputs) -> (loss, grads)` of sum(layer(x)^2) + losses."""
+    import jax
+
+    def loss_fn(trainable_values, non_trainable_values, inputs):
+        out, _, losses = layer.stateless_call(
+            trainable_values, non_trainable_values, inputs, training=True, return_losses=True
+        )
+        return ops.mean(ops.square(out)) + sum(losses)
+
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
 def make_train_step(layer, x):
     """A compiled forward+backward step of sum(layer(x)^2) + layer losses."""
-    layer.build(x.shape)
+    if not layer.built:
+        layer.build(x.shape)
     backend = keras.backend.backend()
     trainable = [v.value for v in layer.trainable_variables]
     non_trainable = [v.value for v in layer.non_trainable_variables]
     if backend == "jax":
         import jax
 
-        def loss_fn(trainable_values, non_trainable_values, inputs):
-            out, _, losses = layer.stateless_call(
-                trainable_values, non_trainable_values, inputs, training=True, return_losses=True
-            )
-            return ops.mean(ops.square(out)) + sum(losses)
-
-        grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+        grad_fn = _jax_grad_fn(layer)
 
         def step():
             loss, grads = grad_fn(trainable, non_trainable, x)
@@ -219,13 +230,27 @@ def case_inputs(case, seed=0):
     return ops.convert_to_tensor(rng.normal(size=(case.tokens, case.hidden_dim)).astype("float32"))
 
 
+def balanced_expert_rows(case, seed=0):
+    """`[E, T*k/E, d]` rows: what a perfectly balanced router would hand the experts."""
+    rng = np.random.default_rng(seed)
+    rows = case.tokens * case.top_k // case.num_experts
+    return ops.convert_to_tensor(rng.normal(size=(case.num_experts, rows, case.hidden_dim)).astype("float32"))
+
+
 def run_case(case, repeats=5, include_all_experts=True, seed=0):
-    """Times the case's layers; returns a dict of medians and ratios."""
+    """Times the case's layers; returns a dict of medians and ratios.
+
+    Besides the two anchors it times the MoE layer's expert bank alone on balanced
+    `[E, T*k/E, d]` rows (`experts_only`): the expert matmuls with no routing,
+    dispatch or combine, i.e. the ceiling of the layer on this backend.
+    """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
     layers = build_layers(case)
     names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
-    medians = time_steps({name: make_train_step(layers[name], x) for name in names}, repeats=repeats)
+    steps = {name: make_train_step(layers[name], x) for name in names}
+    steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
+    medians = time_steps(steps, repeats=repeats)
     result = {
         "case": case.name,
         "mode": case.mode,
@@ -237,6 +262,8 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "vs_dense": medians["dense"] / medians["moe"],
+        "experts_only_ms": medians["experts_only"] * 1e3,
+        "experts_only_vs_dense": medians["dense"] / medians["experts_only"],
     }
     if include_all_experts:
         result["all_experts_ms"] = medians["all_experts"] * 1e3
@@ -245,13 +272,23 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
 
 
 def measure_peak_memory(case, kind, seed=0):
-    """Peak resident memory (MiB) above the pre-step level during two training steps.
+    """Peak memory (MiB) of a training step beyond the weights and inputs.
 
-    Linux only (reads /proc/self/status). Run one (case, kind) per fresh process, so
+    JAX: XLA's own figure for the compiled step, the size of its temporary buffers
+    (activations and gradients in flight), which is exact and free of allocator noise.
+    Other backends: peak resident memory above the pre-step level during two steps
+    (Linux only, reads /proc/self/status); run one (case, kind) per fresh process, so
     other layers' buffers are not in the picture.
     """
     x = case_inputs(case, seed)
-    step = make_train_step(build_layers(case)[kind], x)
+    layer = build_layers(case)[kind]
+    if keras.backend.backend() == "jax":
+        layer.build(x.shape)
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+        compiled = _jax_grad_fn(layer).lower(trainable, non_trainable, x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    step = make_train_step(layer, x)
     step()  # compile and allocate the weights first
     before = _proc_status_mb("VmRSS")
     _reset_peak_rss()
@@ -292,13 +329,16 @@ def environment():
 
 
 def format_table(results):
-    header = "| case | mode | T | E | k | h | MoE ms | dense ms | MoE/dense throughput | × all-experts |"
-    lines = [header, "|" + "---|" * 10]
+    header = (
+        "| case | mode | T | E | k | h | MoE ms | dense ms | MoE/dense throughput | × all-experts "
+        "| experts only/dense |"
+    )
+    lines = [header, "|" + "---|" * 11]
     for r in results:
         all_experts = f"{r['vs_all_experts']:.1f}×" if "vs_all_experts" in r else "–"
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['T']} | {r['E']} | {r['k']} | {r['h']} | {r['moe_ms']:.1f} | "
-            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} |"
+            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} | {r['experts_only_vs_dense']:.2f} |"
         )
     return "\n".join(lines)
 

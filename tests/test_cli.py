@@ -88,6 +88,7 @@ def test_bench_runs_with_tiny_settings(capsys, monkeypatch, tmp_path):
 
     report = json.loads(out_file.read_text())
     assert len(report["results"]) == 2 and report["results"][0]["vs_dense"] > 0
+    assert report["results"][0]["experts_only_vs_dense"] > 0
 
 
 def test_bench_rejects_unknown_case():
