@@ -304,6 +304,26 @@ def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 409
     return by_experts, by_tokens
 
 
+def time_scaling(cases, repeats=5, seed=0):
+    """MoE step times of several cases, interleaved so drift hits them all alike.
+
+    Returns:
+        `[{"case", "T", "E", "moe_ms", "vs_first"}]`, `vs_first` being the step time
+        over that of the first case.
+    """
+    steps = {}
+    for case in cases:
+        keras.utils.set_random_seed(seed)
+        steps[case.name] = make_train_step(build_layers(case)["moe"], case_inputs(case, seed))
+    medians = time_steps(steps, repeats=repeats)
+    first = medians[cases[0].name]
+    return [
+        {"case": c.name, "T": c.tokens, "E": c.num_experts, "moe_ms": medians[c.name] * 1e3,
+         "vs_first": medians[c.name] / first}
+        for c in cases
+    ]
+
+
 def environment():
     info = {
         "backend": keras.backend.backend(),
@@ -396,11 +416,10 @@ def main(argv=None):
     if args.scaling:
         by_experts, by_tokens = scaling_cases(Case("E", 4096, 256, 512, 8, 2, 1.0))
         for label, cases in (("experts", by_experts), ("tokens", by_tokens)):
-            rows = [run_case(c, repeats=args.repeats, include_all_experts=False) for c in cases]
+            rows = time_scaling(cases, repeats=args.repeats)
             report[f"scaling_{label}"] = rows
-            base = rows[0]["moe_ms"]
             for r in rows:
-                print(f"{r['case']:>8}: MoE {r['moe_ms']:.1f} ms  (x{r['moe_ms'] / base:.2f} of {rows[0]['case']})", flush=True)
+                print(f"{r['case']:>8}: MoE {r['moe_ms']:.1f} ms  (x{r['vs_first']:.2f} of {rows[0]['case']})", flush=True)
     if args.memory:
         report["memory"] = memory_table([c for c in STANDARD_CASES if c.name == "a"])
         for row in report["memory"]:

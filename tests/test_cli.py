@@ -91,6 +91,26 @@ def test_bench_runs_with_tiny_settings(capsys, monkeypatch, tmp_path):
     assert report["results"][0]["experts_only_vs_dense"] > 0
 
 
+def test_bench_scaling_times_every_size_against_the_first(capsys, monkeypatch, tmp_path):
+    from dl_moe import bench
+
+    tiny = [bench.Case("a", 64, 16, 32, 4, 2, 1.0)]
+    monkeypatch.setattr(bench, "STANDARD_CASES", tiny)
+    real_scaling_cases = bench.scaling_cases
+    monkeypatch.setattr(
+        bench, "scaling_cases", lambda base: real_scaling_cases(tiny[0], num_experts=(4, 8), tokens=(32, 64))
+    )
+    out_file = tmp_path / "bench.json"
+    assert cli.main(["bench", "--cases", "a", "--repeats", "1", "--scaling", "--output", str(out_file)]) == 0
+    assert "E=8: MoE" in capsys.readouterr().out
+    import json
+
+    report = json.loads(out_file.read_text())
+    assert [r["E"] for r in report["scaling_experts"]] == [4, 8]
+    assert [r["T"] for r in report["scaling_tokens"]] == [32, 64]
+    assert report["scaling_experts"][0]["vs_first"] == 1.0 and report["scaling_tokens"][1]["vs_first"] > 0
+
+
 def test_bench_rejects_unknown_case():
     import pytest
 
