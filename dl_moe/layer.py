@@ -7,7 +7,7 @@ import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
-from dl_moe.backend_fast_paths import run_experts_on_slices, torch_eager_slices_enabled
+from dl_moe.backend_fast_paths import capacity_slices_pay_off, run_experts_on_slices, torch_eager_slices_enabled
 from dl_moe.config import MoEConfig
 from dl_moe.distribution import constrain_to_expert_axis
 from dl_moe.experts.ffn import FFNExpertBank
@@ -357,7 +357,7 @@ class MixtureOfExperts(keras.layers.Layer):
         capacity_factor = self.config.capacity_factor(bool(training))
         if isinstance(num_tokens, int):
             capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-            if slices:
+            if slices and capacity_slices_pay_off(num_experts, capacity, num_tokens * top_k):
                 return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
         else:
             capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)

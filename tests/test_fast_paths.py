@@ -9,11 +9,12 @@ import pytest
 from keras import ops
 
 import dl_moe
-from dl_moe import backend_fast_paths
+from dl_moe import backend_fast_paths, dispatch
 from tests import reference
 from tests.layer_checks import BACKEND, trainable_gradients
 
 SLICES_SWITCH = "dl_moe.layer.torch_eager_slices_enabled"
+CAPACITY_SLICES_SWITCH = "dl_moe.layer.capacity_slices_pay_off"
 
 
 def randomized_layer(x, seed=1, **kwargs):
@@ -37,10 +38,17 @@ def run_both_paths(layer, x, monkeypatch, training=True):
     and the slices (which need concrete row counts) are never taken.
     """
     results = []
+    # Small test layers would keep [E, C] buffers on torch (too little padding to skip).
+    monkeypatch.setattr(CAPACITY_SLICES_SWITCH, lambda *args: True)
+    slice_plans = []
+    plan_slices = dispatch.plan_ragged_dispatch
+    monkeypatch.setattr(dispatch, "plan_ragged_dispatch", lambda *a, **k: slice_plans.append(1) or plan_slices(*a, **k))
     for slices in (False, True):
         monkeypatch.setattr(SLICES_SWITCH, lambda slices=slices: slices)
         layer.reset_routing_stats()
+        slice_plans.clear()
         out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
+        assert bool(slice_plans) == slices  # the path under test was the one taken
         counters = routing_counters(layer)
         grads = None if (slices and BACKEND == "jax") else trainable_gradients(layer, x, training=training)
         results.append((out, grads, counters))
@@ -103,6 +111,18 @@ def test_eager_slices_equal_portable_quantized_bank(monkeypatch):
     assert_same_results(portable, fast)
 
 
+def test_capacity_slices_are_chosen_when_they_skip_more_padding_than_they_cost():
+    from dl_moe.backend_fast_paths import SLICE_OVERHEAD_ROWS, capacity_slices_pay_off
+
+    # Case (a) at capacity 1.25: 8 experts x 1280 rows for 8192 assignments.
+    assert capacity_slices_pay_off(8, 1280, 8192)
+    # 128 nearly full experts of 64 rows: per-expert overhead outweighs no padding.
+    assert not capacity_slices_pay_off(128, 64, 8192)
+    # The boundary: padding must exceed E * SLICE_OVERHEAD_ROWS.
+    assert not capacity_slices_pay_off(4, 100, 400 - 4 * SLICE_OVERHEAD_ROWS)
+    assert capacity_slices_pay_off(4, 100, 400 - 4 * SLICE_OVERHEAD_ROWS - 1)
+
+
 def test_slice_path_is_used_exactly_on_eager_torch():
     assert backend_fast_paths.torch_eager_slices_enabled() == (BACKEND == "torch")
 
@@ -110,6 +130,7 @@ def test_slice_path_is_used_exactly_on_eager_torch():
 @pytest.mark.parametrize("drop_tokens", [False, True])
 def test_slice_path_with_masked_tokens_and_idle_experts(drop_tokens, monkeypatch):
     monkeypatch.setattr(SLICES_SWITCH, lambda: True)
+    monkeypatch.setattr(CAPACITY_SLICES_SWITCH, lambda *args: True)
     x = np.random.default_rng(2).normal(size=(1, 6, 8)).astype("float32")
     mask = np.array([[True, True, False, True, False, False]])
     layer = dl_moe.create_ffn_moe(8, 8, top_k=1, intermediate_size=8, drop_tokens=drop_tokens)
