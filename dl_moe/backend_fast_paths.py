@@ -34,18 +34,23 @@ def torch_eager_slices_enabled():
 SLICE_OVERHEAD_ROWS = 48
 
 
-def capacity_slices_pay_off(num_experts, capacity, expected_assignments):
-    """Whether per-expert slices beat `[E, C]` buffers in capacity mode.
+def capacity_slices_pay_off(expert_index, active, num_experts, capacity):
+    """Whether per-expert slices beat `[E, C]` buffers for this capacity-mode batch.
 
-    Slices skip the buffers' padding rows, about E*C - T*k of them, but each expert
-    costs a fixed overhead; buffers win when experts are many and nearly full.
+    Slices skip the buffers' padding rows, E*C - sum_e min(count_e, C) of them, but
+    each expert costs a fixed overhead; buffers win when experts are many and nearly
+    full. Eager only: the counts of this batch are read back.
 
     Args:
+        expert_index: `[T, k]` int expert of each assignment.
+        active: `[T, k]` bool.
         num_experts: E.
-        capacity: C, rows per expert buffer.
-        expected_assignments: T * expected k.
+        capacity: C, rows per expert buffer (a Python int).
     """
-    padding_rows = num_experts * capacity - expected_assignments
+    flat = ops.reshape(ops.where(active, expert_index, num_experts), (-1,))
+    counts = ops.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
+    computed_rows = int(ops.convert_to_numpy(ops.sum(ops.minimum(counts, capacity))))
+    padding_rows = num_experts * capacity - computed_rows
     return padding_rows > num_experts * SLICE_OVERHEAD_ROWS
 
 

@@ -357,7 +357,7 @@ class MixtureOfExperts(keras.layers.Layer):
         capacity_factor = self.config.capacity_factor(bool(training))
         if isinstance(num_tokens, int):
             capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-            if slices and capacity_slices_pay_off(num_experts, capacity, num_tokens * top_k):
+            if slices and capacity_slices_pay_off(indices, active, num_experts, capacity):
                 return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
         else:
             capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)

@@ -114,13 +114,21 @@ def test_eager_slices_equal_portable_quantized_bank(monkeypatch):
 def test_capacity_slices_are_chosen_when_they_skip_more_padding_than_they_cost():
     from dl_moe.backend_fast_paths import SLICE_OVERHEAD_ROWS, capacity_slices_pay_off
 
-    # Case (a) at capacity 1.25: 8 experts x 1280 rows for 8192 assignments.
-    assert capacity_slices_pay_off(8, 1280, 8192)
-    # 128 nearly full experts of 64 rows: per-expert overhead outweighs no padding.
-    assert not capacity_slices_pay_off(128, 64, 8192)
-    # The boundary: padding must exceed E * SLICE_OVERHEAD_ROWS.
-    assert not capacity_slices_pay_off(4, 100, 400 - 4 * SLICE_OVERHEAD_ROWS)
-    assert capacity_slices_pay_off(4, 100, 400 - 4 * SLICE_OVERHEAD_ROWS - 1)
+    def pays_off(loads, capacity, inactive=0):
+        # `loads[e]` active assignments of expert e, plus `inactive` masked ones.
+        experts = np.repeat(np.arange(len(loads)), loads)
+        indices = np.concatenate([experts, np.zeros(inactive, int)]).astype("int32")[:, None]
+        active = np.arange(len(indices))[:, None] < len(experts)
+        return capacity_slices_pay_off(indices, active, len(loads), capacity)
+
+    overhead = SLICE_OVERHEAD_ROWS
+    # Padding rows = E*C - sum(min(load, C)); slices need more than E * overhead.
+    assert pays_off([100, 100 - 2 * overhead], capacity=100) is False  # padding 2 * overhead
+    assert pays_off([100, 100 - 2 * overhead - 1], capacity=100) is True
+    # Overflowing assignments are dropped, so they fill no padding.
+    assert pays_off([500, 100 - 2 * overhead - 1], capacity=100) is True
+    # Inactive assignments (masked tokens) take no row.
+    assert pays_off([100, 100], capacity=100, inactive=300) is False
 
 
 def test_slice_path_is_used_exactly_on_eager_torch():
