@@ -7,8 +7,10 @@ mode), which static shapes under XLA require. Eager PyTorch has no such constrai
 the computed assignments, sorted by expert, are cut into one contiguous slice per
 expert and each slice runs against its expert alone. The work is exactly the
 computed rows (no padding rows), and no weights are copied. Capacity mode keeps and
-drops exactly the assignments the portable path does, and uses slices only when the
-padding they skip outweighs their per-expert overhead (`capacity_slices_pay_off`).
+drops exactly the assignments the portable path does. Either mode uses slices only
+when the padding they skip outweighs their per-expert overhead
+(`capacity_slices_pay_off`); otherwise dropless mode runs `[E, C]` buffers sized to
+this batch's largest load, which drop nothing.
 """
 
 import itertools
@@ -34,6 +36,20 @@ def torch_eager_slices_enabled():
 SLICE_OVERHEAD_ROWS = 48
 
 
+def _expert_loads(expert_index, active, num_experts):
+    """`[E]` active assignments per expert."""
+    flat = ops.reshape(ops.where(active, expert_index, num_experts), (-1,))
+    return ops.bincount(flat, minlength=num_experts + 1)[:num_experts]
+
+
+def dropless_buffer_capacity(expert_index, active, num_experts):
+    """Rows per expert that hold this batch's largest load: `[E, C]` buffers that drop
+    nothing (eager only; a multiple of `dispatch.CAPACITY_MULTIPLE`)."""
+    largest = int(ops.convert_to_numpy(ops.max(_expert_loads(expert_index, active, num_experts))))
+    multiple = dispatch_lib.CAPACITY_MULTIPLE
+    return max(multiple, -(-largest // multiple) * multiple)
+
+
 def capacity_slices_pay_off(expert_index, active, num_experts, capacity):
     """Whether per-expert slices beat `[E, C]` buffers for this capacity-mode batch.
 
@@ -47,8 +63,7 @@ def capacity_slices_pay_off(expert_index, active, num_experts, capacity):
         num_experts: E.
         capacity: C, rows per expert buffer (a Python int).
     """
-    flat = ops.reshape(ops.where(active, expert_index, num_experts), (-1,))
-    counts = ops.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
+    counts = _expert_loads(expert_index, active, num_experts)  # [E]
     computed_rows = int(ops.convert_to_numpy(ops.sum(ops.minimum(counts, capacity))))
     padding_rows = num_experts * capacity - computed_rows
     return padding_rows > num_experts * SLICE_OVERHEAD_ROWS

@@ -7,7 +7,12 @@ import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
-from dl_moe.backend_fast_paths import capacity_slices_pay_off, run_experts_on_slices, torch_eager_slices_enabled
+from dl_moe.backend_fast_paths import (
+    capacity_slices_pay_off,
+    dropless_buffer_capacity,
+    run_experts_on_slices,
+    torch_eager_slices_enabled,
+)
 from dl_moe.config import MoEConfig
 from dl_moe.distribution import constrain_to_expert_axis
 from dl_moe.experts.ffn import FFNExpertBank
@@ -346,7 +351,13 @@ class MixtureOfExperts(keras.layers.Layer):
         slices = torch_eager_slices_enabled() and not self.config.expert_parallel
         if not self.config.drop_tokens:
             if slices:
-                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
+                # Eager: buffers as large as this batch's largest load drop nothing;
+                # slices skip their padding, which pays off unless experts are many
+                # and evenly loaded.
+                capacity = dropless_buffer_capacity(indices, active, num_experts)
+                if capacity_slices_pay_off(indices, active, num_experts, capacity):
+                    return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
+                return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
             if isinstance(num_tokens, int):
                 block = dispatch_lib.dropless_block_size(
                     num_tokens, top_k, num_experts, self.config.dropless_block_size

@@ -31,7 +31,7 @@ def routing_counters(layer):
     return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
 
 
-def run_both_paths(layer, x, monkeypatch, training=True):
+def run_both_paths(layer, x, monkeypatch, training=True, slices_pay_off=True):
     """Outputs, gradients and counters of the portable path, then of the slice path.
 
     Gradients of the slice path are skipped on JAX, where gradients trace the layer
@@ -39,7 +39,7 @@ def run_both_paths(layer, x, monkeypatch, training=True):
     """
     results = []
     # Small test layers would keep [E, C] buffers on torch (too little padding to skip).
-    monkeypatch.setattr(CAPACITY_SLICES_SWITCH, lambda *args: True)
+    monkeypatch.setattr(CAPACITY_SLICES_SWITCH, lambda *args: slices_pay_off)
     slice_plans = []
     plan_slices = dispatch.plan_ragged_dispatch
     monkeypatch.setattr(dispatch, "plan_ragged_dispatch", lambda *a, **k: slice_plans.append(1) or plan_slices(*a, **k))
@@ -48,7 +48,7 @@ def run_both_paths(layer, x, monkeypatch, training=True):
         layer.reset_routing_stats()
         slice_plans.clear()
         out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
-        assert bool(slice_plans) == slices  # the path under test was the one taken
+        assert bool(slice_plans) == (slices and slices_pay_off)  # the path under test was taken
         counters = routing_counters(layer)
         grads = None if (slices and BACKEND == "jax") else trainable_gradients(layer, x, training=training)
         results.append((out, grads, counters))
@@ -77,6 +77,32 @@ def test_eager_slices_equal_portable_dropless_blocks(ffn_type, top_k, monkeypatc
         x.reshape(-1, 8), reference.weights_of(layer), num_experts=6, top_k=top_k, ffn_type=ffn_type
     )
     np.testing.assert_allclose(portable[0].reshape(-1, 8), ref["out"], atol=1e-5)
+
+
+def test_eager_dropless_buffers_sized_to_the_largest_load_drop_nothing(monkeypatch):
+    # When slices do not pay off, eager dropless runs [E, C] buffers with C the
+    # batch's largest load (rounded up to 8): same result as the portable blocks.
+    x = np.random.default_rng(6).normal(size=(2, 13, 8)).astype("float32")
+    layer = randomized_layer(x, num_experts=3, hidden_dim=8, top_k=2, intermediate_size=12, drop_tokens=False)
+    portable, fast = run_both_paths(layer, x, monkeypatch, slices_pay_off=False)
+    assert_same_results(portable, fast)
+    counters = fast[2]
+    np.testing.assert_array_equal(counters["processed_tokens_per_expert"], counters["routed_tokens_per_expert"])
+    assert counters["dropped_tokens"] == 0
+    ref = reference.token_choice_moe(x.reshape(-1, 8), reference.weights_of(layer), num_experts=3, top_k=2)
+    np.testing.assert_allclose(fast[0].reshape(-1, 8), ref["out"], atol=1e-5)
+
+
+def test_dropless_buffer_capacity_holds_the_largest_load():
+    from dl_moe.backend_fast_paths import dropless_buffer_capacity
+
+    indices = np.array([[0, 1]] * 9 + [[2, 1]] * 4, dtype="int32")  # expert 1: 13 assignments
+    active = np.ones_like(indices, dtype=bool)
+    assert dropless_buffer_capacity(indices, active, 4) == 16
+    active[:, 1] = False  # now expert 0 is the largest with 9
+    assert dropless_buffer_capacity(indices, active, 4) == 16
+    active[:4] = False  # expert 0 keeps 5, expert 2 has 4
+    assert dropless_buffer_capacity(indices, active, 4) == 8
 
 
 @pytest.mark.parametrize("ffn_type, top_k, capacity_factor", [("swiglu", 2, 0.5), ("geglu", 1, 0.5), ("mlp", 3, 0.75)])
