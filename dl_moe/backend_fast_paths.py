@@ -16,6 +16,7 @@ this batch's largest load, which drop nothing.
 import itertools
 
 import keras
+import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
@@ -36,37 +37,57 @@ def torch_eager_slices_enabled():
 SLICE_OVERHEAD_ROWS = 48
 
 
-def _expert_loads(expert_index, active, num_experts):
-    """`[E]` active assignments per expert."""
-    flat = ops.reshape(ops.where(active, expert_index, num_experts), (-1,))
-    return ops.bincount(flat, minlength=num_experts + 1)[:num_experts]
+def expert_loads(expert_index, active, num_experts):
+    """This batch's active assignments per expert, read back as a numpy `[E]` array.
 
-
-def dropless_buffer_capacity(expert_index, active, num_experts):
-    """Rows per expert that hold this batch's largest load: `[E, C]` buffers that drop
-    nothing (eager only; a multiple of `dispatch.CAPACITY_MULTIPLE`)."""
-    largest = int(ops.convert_to_numpy(ops.max(_expert_loads(expert_index, active, num_experts))))
-    multiple = dispatch_lib.CAPACITY_MULTIPLE
-    return max(multiple, -(-largest // multiple) * multiple)
-
-
-def capacity_slices_pay_off(expert_index, active, num_experts, capacity):
-    """Whether per-expert slices beat `[E, C]` buffers for this capacity-mode batch.
-
-    Slices skip the buffers' padding rows, E*C - sum_e min(count_e, C) of them, but
-    each expert costs a fixed overhead; buffers win when experts are many and nearly
-    full. Eager only: the counts of this batch are read back.
+    Eager only (one device-to-host read); the slice decisions below take its result.
 
     Args:
         expert_index: `[T, k]` int expert of each assignment.
         active: `[T, k]` bool.
         num_experts: E.
+    """
+    flat = ops.reshape(ops.where(active, expert_index, num_experts), (-1,))
+    return np.asarray(ops.convert_to_numpy(ops.bincount(flat, minlength=num_experts + 1)))[:num_experts]
+
+
+def dropless_buffer_capacity(loads):
+    """Rows per expert that hold the largest of `loads` `[E]`: `[E, C]` buffers that
+    drop nothing (a multiple of `dispatch.CAPACITY_MULTIPLE`)."""
+    return dispatch_lib.round_up_rows(int(loads.max()))
+
+
+def capacity_slices_pay_off(loads, capacity):
+    """Whether per-expert slices beat `[E, C]` buffers for a batch with these loads.
+
+    Slices skip the buffers' padding rows, E*C - sum_e min(load_e, C) of them, but
+    each expert costs a fixed overhead; buffers win when experts are many and nearly
+    full.
+
+    Args:
+        loads: numpy `[E]` active assignments per expert (`expert_loads`).
         capacity: C, rows per expert buffer (a Python int).
     """
-    counts = _expert_loads(expert_index, active, num_experts)  # [E]
-    computed_rows = int(ops.convert_to_numpy(ops.sum(ops.minimum(counts, capacity))))
-    padding_rows = num_experts * capacity - computed_rows
+    num_experts = len(loads)
+    padding_rows = num_experts * capacity - int(np.minimum(loads, capacity).sum())
     return padding_rows > num_experts * SLICE_OVERHEAD_ROWS
+
+
+def split_slices(rows, counts):
+    """`[N, ...]` rows → E + 1 pieces: expert e's `counts[e]` rows, then the empty rest.
+
+    One split (not one slice per expert): the backward pass then concatenates the
+    pieces' gradients once instead of padding each to the full size.
+    """
+    return ops.split(rows, list(itertools.accumulate(counts)), axis=0)
+
+
+def join_slices(outputs, num_rows, feature_shape, dtype):
+    """Concatenates per-expert outputs `[n_e, ...]` and zero-fills up to `num_rows` rows."""
+    used = sum(int(out.shape[0]) for out in outputs)
+    if used < num_rows or not outputs:
+        outputs = list(outputs) + [ops.zeros((num_rows - used,) + tuple(feature_shape), dtype=dtype)]
+    return ops.concatenate(outputs, axis=0)
 
 
 def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
@@ -90,12 +111,8 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
     if experts.supports_slice_counts and row_token is None:
         return experts(expert_inputs, slice_counts=list(counts), training=training, **extra)
     rows = expert_inputs[0]
-    used = sum(counts)
-    # One split (not one slice per expert): the backward pass then concatenates the
-    # slices' gradients once instead of padding each to the full size.
-    pieces = ops.split(rows, list(itertools.accumulate(counts)), axis=0)
     outputs, start = [], 0
-    for expert, (piece, count) in enumerate(zip(pieces, counts)):
+    for expert, (piece, count) in enumerate(zip(split_slices(rows, counts), counts)):
         if count == 0:
             continue
         kwargs = dict(extra)
@@ -104,12 +121,6 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
         group = ops.convert_to_tensor([expert], dtype="int32")
         outputs.append(experts(piece[None], group_expert=group, training=training, **kwargs)[0])
         start += count
-    total = dispatch_lib.static_dim(rows, 0)
-    if outputs:
-        out = ops.concatenate(outputs, axis=0)
-    else:
-        out_shape = experts.compute_output_shape((1, 1) + tuple(rows.shape[1:]))[2:]
-        out = ops.zeros((0,) + tuple(out_shape), dtype=experts.compute_dtype)
-    if used < total:
-        out = ops.concatenate([out, ops.zeros((total - used,) + tuple(out.shape[1:]), dtype=out.dtype)], axis=0)
-    return out[None]
+    feature_shape = experts.compute_output_shape((1, 1) + tuple(rows.shape[1:]))[2:]
+    dtype = outputs[0].dtype if outputs else experts.compute_dtype
+    return join_slices(outputs, dispatch_lib.static_dim(rows, 0), feature_shape, dtype)[None]

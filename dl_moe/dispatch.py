@@ -67,10 +67,14 @@ def static_dim(tensor, axis):
     return size if size is not None else ops.shape(tensor)[axis]
 
 
+def round_up_rows(rows, multiple=CAPACITY_MULTIPLE):
+    """`rows` rounded up to a multiple of `multiple`, and at least `multiple` (Python ints)."""
+    return max(multiple, -(-rows // multiple) * multiple)
+
+
 def expert_capacity(num_tokens, top_k, num_experts, capacity_factor, multiple=CAPACITY_MULTIPLE):
     """C = ceil(cf * T * k / E), rounded up to a multiple of `multiple` (Python ints)."""
-    raw = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
-    return max(multiple, -(-raw // multiple) * multiple)
+    return round_up_rows(math.ceil(capacity_factor * num_tokens * top_k / num_experts), multiple)
 
 
 def dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor, multiple=CAPACITY_MULTIPLE):

@@ -10,6 +10,7 @@ from dl_moe import dispatch as dispatch_lib
 from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
     dropless_buffer_capacity,
+    expert_loads,
     run_experts_on_slices,
     torch_eager_slices_enabled,
 )
@@ -354,8 +355,9 @@ class MixtureOfExperts(keras.layers.Layer):
                 # Eager: buffers as large as this batch's largest load drop nothing;
                 # slices skip their padding, which pays off unless experts are many
                 # and evenly loaded.
-                capacity = dropless_buffer_capacity(indices, active, num_experts)
-                if capacity_slices_pay_off(indices, active, num_experts, capacity):
+                loads = expert_loads(indices, active, num_experts)
+                capacity = dropless_buffer_capacity(loads)
+                if capacity_slices_pay_off(loads, capacity):
                     return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
                 return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
             if isinstance(num_tokens, int):
@@ -368,7 +370,7 @@ class MixtureOfExperts(keras.layers.Layer):
         capacity_factor = self.config.capacity_factor(bool(training))
         if isinstance(num_tokens, int):
             capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-            if slices and capacity_slices_pay_off(indices, active, num_experts, capacity):
+            if slices and capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
                 return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
         else:
             capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)

@@ -1,12 +1,11 @@
 """Feed-forward expert bank: E FFNs stored as stacked weight tensors."""
 
-import itertools
-
 import keras
 from keras import ops
 from keras.quantizers import AbsMaxQuantizer
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe.backend_fast_paths import join_slices, split_slices
 from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
 
@@ -199,10 +198,7 @@ class FFNExpertBank(ExpertBank):
         each expert's gradient into a full-size zero tensor.
         """
         rows = inputs[0]  # [N, d]
-        num_rows = dispatch_lib.static_dim(rows, 0)
-        used = sum(slice_counts)
-        split_points = list(itertools.accumulate(slice_counts))  # E points → E + 1 pieces
-        pieces = ops.split(rows, split_points, axis=0)
+        pieces = split_slices(rows, slice_counts)
         names = ["up", "down"] + (["gate"] if self.ffn_type != "mlp" else [])
         per_expert = {}
         for name in names:
@@ -233,9 +229,8 @@ class FFNExpertBank(ExpertBank):
             if count > 0
         ]
         out_dim = self.output_dim or self._input_dim
-        if used < num_rows:
-            outputs.append(ops.zeros((num_rows - used, out_dim), dtype=self.compute_dtype))
-        return ops.expand_dims(ops.concatenate(outputs, axis=0), 0)
+        joined = join_slices(outputs, dispatch_lib.static_dim(rows, 0), (out_dim,), self.compute_dtype)
+        return ops.expand_dims(joined, 0)
 
     # ----------------------------------------------------------- quantization
     # The protocol of keras.layers.Dense: `quantize` converts a built float bank,
