@@ -29,6 +29,11 @@ def test_demo_rejects_bad_epochs(capsys):
         ([], "the following arguments are required"),
         (["nope"], "invalid choice: 'nope'"),
         (["presets", "--bogus"], "unrecognized arguments: --bogus"),
+        (["compare", "--routers", "top1,nope"], "unknown router 'nope'"),
+        (["compare", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["compare", "--epochs", "-1"], "--epochs must be >= 1, got -1"),
+        (["compare", "--seeds", "two"], "invalid int value: 'two'"),
+        (["compare", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_usage_errors_are_one_line_and_non_zero(argv, message, capsys):
@@ -36,7 +41,7 @@ def test_usage_errors_are_one_line_and_non_zero(argv, message, capsys):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dl-moe: error: ") and message in lines[0], captured.err
-    assert "Traceback" not in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_expected_failures_are_one_line_and_exit_1(tmp_path, capsys):
