@@ -307,19 +307,33 @@ def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 409
 def time_scaling(cases, repeats=5, seed=0):
     """MoE step times of several cases, interleaved so drift hits them all alike.
 
+    Each case's expert bank is also timed alone on balanced rows (as in `run_case`),
+    so growth that comes from the expert matmuls themselves shows apart from growth
+    in routing, dispatch and combine.
+
     Returns:
-        `[{"case", "T", "E", "moe_ms", "vs_first"}]`, `vs_first` being the step time
-        over that of the first case.
+        `[{"case", "T", "E", "moe_ms", "vs_first", "experts_only_ms",
+        "experts_only_vs_first"}]`, `*_vs_first` being a step time over that of the
+        first case.
     """
     steps = {}
     for case in cases:
         keras.utils.set_random_seed(seed)
-        steps[case.name] = make_train_step(build_layers(case)["moe"], case_inputs(case, seed))
+        moe = build_layers(case)["moe"]
+        steps[case.name] = make_train_step(moe, case_inputs(case, seed))
+        steps[case.name + "/experts"] = make_train_step(moe.experts, balanced_expert_rows(case, seed))
     medians = time_steps(steps, repeats=repeats)
-    first = medians[cases[0].name]
+    first = cases[0].name
     return [
-        {"case": c.name, "T": c.tokens, "E": c.num_experts, "moe_ms": medians[c.name] * 1e3,
-         "vs_first": medians[c.name] / first}
+        {
+            "case": c.name,
+            "T": c.tokens,
+            "E": c.num_experts,
+            "moe_ms": medians[c.name] * 1e3,
+            "vs_first": medians[c.name] / medians[first],
+            "experts_only_ms": medians[c.name + "/experts"] * 1e3,
+            "experts_only_vs_first": medians[c.name + "/experts"] / medians[first + "/experts"],
+        }
         for c in cases
     ]
 
@@ -419,7 +433,11 @@ def main(argv=None):
             rows = time_scaling(cases, repeats=args.repeats)
             report[f"scaling_{label}"] = rows
             for r in rows:
-                print(f"{r['case']:>8}: MoE {r['moe_ms']:.1f} ms  (x{r['vs_first']:.2f} of {rows[0]['case']})", flush=True)
+                print(
+                    f"{r['case']:>8}: MoE {r['moe_ms']:.1f} ms (x{r['vs_first']:.2f} of {rows[0]['case']}), "
+                    f"experts only {r['experts_only_ms']:.1f} ms (x{r['experts_only_vs_first']:.2f})",
+                    flush=True,
+                )
     if args.memory:
         report["memory"] = memory_table([c for c in STANDARD_CASES if c.name == "a"])
         for row in report["memory"]:

@@ -107,13 +107,19 @@ def test_bench_scaling_times_every_size_against_the_first(capsys, monkeypatch, t
     )
     out_file = tmp_path / "bench.json"
     assert cli.main(["bench", "--cases", "a", "--repeats", "1", "--scaling", "--output", str(out_file)]) == 0
-    assert "E=8: MoE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "E=8: MoE" in printed and "experts only" in printed
     import json
 
     report = json.loads(out_file.read_text())
     assert [r["E"] for r in report["scaling_experts"]] == [4, 8]
     assert [r["T"] for r in report["scaling_tokens"]] == [32, 64]
-    assert report["scaling_experts"][0]["vs_first"] == 1.0 and report["scaling_tokens"][1]["vs_first"] > 0
+    for rows in (report["scaling_experts"], report["scaling_tokens"]):
+        assert rows[0]["vs_first"] == 1.0 and rows[0]["experts_only_vs_first"] == 1.0
+        assert rows[1]["vs_first"] == pytest.approx(rows[1]["moe_ms"] / rows[0]["moe_ms"])
+        assert rows[1]["experts_only_vs_first"] == pytest.approx(
+            rows[1]["experts_only_ms"] / rows[0]["experts_only_ms"]
+        )
 
 
 def test_bench_rejects_unknown_case():
