@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import keras
@@ -187,7 +188,7 @@ def make_train_step(layer, x):
     return step
 
 
-def time_steps(steps, repeats=5, warmup=2):
+def time_steps(steps, repeats=5, warmup=2, settle=0):
     """Median seconds of each step over `repeats` interleaved rounds after warm-up.
 
     Interleaving (A, B, C, A, B, C, ...) exposes every step to the same machine load,
@@ -195,6 +196,10 @@ def time_steps(steps, repeats=5, warmup=2):
 
     Args:
         steps: `{name: zero-argument callable}`.
+        settle: Untimed calls of a step just before each timed one. When the steps
+            differ widely in size, a small step right after a large one pays for
+            freeing the large one's buffers and refilling the caches; one settling
+            call absorbs that.
 
     Returns:
         `{name: median seconds}`.
@@ -205,6 +210,8 @@ def time_steps(steps, repeats=5, warmup=2):
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            for _ in range(settle):
+                step()
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -271,18 +278,22 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     return result
 
 
-def measure_peak_memory(case, kind, seed=0):
+def measure_peak_memory(case, kind, seed=0, xla_dump_dir=None):
     """Peak memory (MiB) of a training step beyond the weights and inputs.
 
-    JAX: XLA's own figure for the compiled step, the size of its temporary buffers
-    (activations and gradients in flight), which is exact and free of allocator noise.
-    Other backends: peak resident memory above the pre-step level during two steps
-    (Linux only, reads /proc/self/status); run one (case, kind) per fresh process, so
-    other layers' buffers are not in the picture.
+    JAX and TensorFlow: XLA's own figure for the compiled step, the size of its
+    temporary buffers (activations and gradients in flight), which is exact and free
+    of allocator noise. JAX reports it directly; TensorFlow only writes it into XLA's
+    buffer-assignment dump, so the process must start with
+    `XLA_FLAGS=--xla_dump_to=<xla_dump_dir>` (`memory_table` arranges it).
+    PyTorch: peak resident memory above the pre-step level during two steps (Linux
+    only, reads /proc/self/status), in a fresh process per (case, kind) started with
+    `MEMORY_CHILD_ENV`, so that freed buffers leave the resident set.
     """
     x = case_inputs(case, seed)
     layer = build_layers(case)[kind]
-    if keras.backend.backend() == "jax":
+    backend = keras.backend.backend()
+    if backend == "jax":
         layer.build(x.shape)
         trainable = [v.value for v in layer.trainable_variables]
         non_trainable = [v.value for v in layer.non_trainable_variables]
@@ -290,11 +301,31 @@ def measure_peak_memory(case, kind, seed=0):
         return compiled.memory_analysis().temp_size_in_bytes / 2**20
     step = make_train_step(layer, x)
     step()  # compile and allocate the weights first
+    if backend == "tensorflow":
+        if xla_dump_dir is None:
+            raise ValueError("On TensorFlow, measure_peak_memory needs xla_dump_dir (see the docstring).")
+        return xla_dumped_temp_bytes(xla_dump_dir, module="tf_step") / 2**20
     before = _proc_status_mb("VmRSS")
     _reset_peak_rss()
     step()
     step()
     return _proc_status_mb("VmHWM") - before
+
+
+def xla_dumped_temp_bytes(dump_dir, module):
+    """Size of the preallocated temporary buffer in XLA's buffer-assignment dump of the
+    compiled module whose name contains `module` (0 if it needs none)."""
+    import glob
+    import re
+
+    paths = [
+        p for p in glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")) if module in os.path.basename(p)
+    ]
+    if len(paths) != 1:
+        raise RuntimeError(f"Expected one XLA buffer assignment for {module!r} in {dump_dir}, found {len(paths)}.")
+    with open(paths[0]) as f:
+        sizes = re.findall(r"^allocation \d+: size (\d+), preallocated-temp", f.read(), flags=re.MULTILINE)
+    return sum(int(size) for size in sizes)
 
 
 def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 4096, 16384)):
@@ -305,7 +336,8 @@ def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 409
 
 
 def time_scaling(cases, repeats=5, seed=0):
-    """MoE step times of several cases, interleaved so drift hits them all alike.
+    """MoE step times of several cases, interleaved so drift hits them all alike
+    (each timed call follows one untimed call of the same step, see `time_steps`).
 
     Each case's expert bank is also timed alone on balanced rows (as in `run_case`),
     so growth that comes from the expert matmuls themselves shows apart from growth
@@ -322,7 +354,7 @@ def time_scaling(cases, repeats=5, seed=0):
         moe = build_layers(case)["moe"]
         steps[case.name] = make_train_step(moe, case_inputs(case, seed))
         steps[case.name + "/experts"] = make_train_step(moe.experts, balanced_expert_rows(case, seed))
-    medians = time_steps(steps, repeats=repeats)
+    medians = time_steps(steps, repeats=repeats, settle=1)
     first = cases[0].name
     return [
         {
@@ -377,6 +409,13 @@ def format_table(results):
     return "\n".join(lines)
 
 
+# glibc raises its mmap threshold each time a large block is freed, so a step's
+# buffers come from the heap after the first step and stay resident: the peak of the
+# next steps would not show. A fixed threshold keeps every block over 128 KiB mmapped
+# and returns it when freed, so the resident set follows the live buffers.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def memory_table(cases, kinds=("moe", "dense")):
     """Peak memory of each kind, each measured in a fresh subprocess."""
     import subprocess
@@ -387,10 +426,14 @@ def memory_table(cases, kinds=("moe", "dense")):
         row = {"case": case.name, "mode": case.mode}
         for kind in kinds:
             spec = json.dumps(dataclasses.asdict(case))
-            out = subprocess.run(
-                [sys.executable, "-m", "dl_moe.bench", "--memory-child", spec, kind],
-                check=True, capture_output=True, text=True, env=dict(os.environ),
-            ).stdout
+            with tempfile.TemporaryDirectory() as dump_dir:
+                env = {**os.environ, **MEMORY_CHILD_ENV}
+                if keras.backend.backend() == "tensorflow":
+                    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
+                out = subprocess.run(
+                    [sys.executable, "-m", "dl_moe.bench", "--memory-child", spec, kind, dump_dir],
+                    check=True, capture_output=True, text=True, env=env,
+                ).stdout
             row[f"{kind}_mb"] = float(out.strip().splitlines()[-1])
         row["moe_vs_dense"] = row["moe_mb"] / row["dense_mb"]
         rows.append(row)
@@ -407,12 +450,12 @@ def main(argv=None):
     parser.add_argument("--scaling", action="store_true", help="also time cost vs E and vs T")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     parser.add_argument("--output", help="write results as JSON to this path")
-    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_child:
         case = Case(**json.loads(args.memory_child[0]))
-        print(measure_peak_memory(case, args.memory_child[1]))
+        print(measure_peak_memory(case, args.memory_child[1], xla_dump_dir=args.memory_child[2]))
         return 0
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = sorted(set(names) - {c.name for c in STANDARD_CASES})

@@ -137,3 +137,56 @@ def test_dl_moe_command_defaults_to_jax_backend():
     code = "import sys; sys.argv = ['/usr/bin/dl-moe']; import dl_moe, keras; print(keras.backend.backend())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "jax"
+
+
+def test_bench_time_steps_interleaves_and_times_only_the_call_after_settling(monkeypatch):
+    from dl_moe import bench
+
+    clock = {"now": 0.0}
+    calls = []
+
+    def make_step(name, settle_cost, timed_cost):
+        def step():
+            # Warm-up calls cost nothing; then settling and timed calls alternate.
+            position = sum(1 for c in calls if c == name) - 2
+            calls.append(name)
+            if position >= 0:
+                clock["now"] += settle_cost if position % 2 == 0 else timed_cost
+
+        return step
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    steps = {"a": make_step("a", 100.0, 1.0), "b": make_step("b", 100.0, 3.0)}
+    medians = bench.time_steps(steps, repeats=3, warmup=2, settle=1)
+    assert medians == {"a": 1.0, "b": 3.0}
+    assert calls == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_bench_memory_grows_with_the_batch_on_every_backend():
+    import dataclasses
+
+    from dl_moe import bench
+
+    small = bench.Case("a", 256, 64, 128, 4, 2, 1.0)
+    large = dataclasses.replace(small, tokens=4096)
+    rows = bench.memory_table([small, large])
+    for kind in ("moe", "dense"):
+        assert 0 <= rows[0][f"{kind}_mb"] < rows[1][f"{kind}_mb"]
+    for row in rows:
+        assert row["moe_vs_dense"] == pytest.approx(row["moe_mb"] / row["dense_mb"])
+
+
+def test_bench_reads_the_temp_buffer_from_an_xla_buffer_assignment_dump(tmp_path):
+    from dl_moe import bench
+
+    (tmp_path / "module_0001.a_inference_tf_step_7.cpu_after_optimizations-buffer-assignment.txt").write_text(
+        "allocation 0: size 4096, parameter 0, shape |f32[4,256]| at ShapeIndex {}:\n"
+        "allocation 1: size 134697232, preallocated-temp:\n"
+        " value: <1 fusion @0> (size=8,offset=0): f32[2]{0}\n"
+    )
+    (tmp_path / "module_0002.other.cpu_after_optimizations-buffer-assignment.txt").write_text(
+        "allocation 0: size 99, preallocated-temp:\n"
+    )
+    assert bench.xla_dumped_temp_bytes(str(tmp_path), module="tf_step") == 134697232
+    with pytest.raises(RuntimeError, match="found 0"):
+        bench.xla_dumped_temp_bytes(str(tmp_path), module="missing")
