@@ -249,7 +249,9 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
 
     Besides the two anchors it times the MoE layer's expert bank alone on balanced
     `[E, T*k/E, d]` rows (`experts_only`): the expert matmuls with no routing,
-    dispatch or combine, i.e. the ceiling of the layer on this backend.
+    dispatch or combine, i.e. the ceiling of the layer on this backend. Each timed
+    call follows an untimed one of the same step: the bank would otherwise be timed
+    right after the all-experts layer, several times its size (see `time_steps`).
     """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
@@ -257,7 +259,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
     steps = {name: make_train_step(layers[name], x) for name in names}
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
-    medians = time_steps(steps, repeats=repeats)
+    medians = time_steps(steps, repeats=repeats, settle=1)
     result = {
         "case": case.name,
         "mode": case.mode,
