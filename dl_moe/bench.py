@@ -188,7 +188,7 @@ def make_train_step(layer, x):
     return step
 
 
-def time_steps(steps, repeats=5, warmup=2, settle=0):
+def time_steps(steps, repeats=5, warmup=2, settle=1):
     """Median seconds of each step over `repeats` interleaved rounds after warm-up.
 
     Interleaving (A, B, C, A, B, C, ...) exposes every step to the same machine load,
@@ -196,10 +196,11 @@ def time_steps(steps, repeats=5, warmup=2, settle=0):
 
     Args:
         steps: `{name: zero-argument callable}`.
-        settle: Untimed calls of a step just before each timed one. When the steps
-            differ widely in size, a small step right after a large one pays for
-            freeing the large one's buffers and refilling the caches; one settling
-            call absorbs that.
+        settle: Untimed calls of a step just before each timed one. The steps
+            differ widely in size (the all-experts layer is several times the bank
+            alone, T=16384 is 64 times T=256), and a small step right after a large
+            one pays for freeing the large one's buffers and refilling the caches;
+            one settling call absorbs that.
 
     Returns:
         `{name: median seconds}`.
@@ -249,9 +250,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
 
     Besides the two anchors it times the MoE layer's expert bank alone on balanced
     `[E, T*k/E, d]` rows (`experts_only`): the expert matmuls with no routing,
-    dispatch or combine, i.e. the ceiling of the layer on this backend. Each timed
-    call follows an untimed one of the same step: the bank would otherwise be timed
-    right after the all-experts layer, several times its size (see `time_steps`).
+    dispatch or combine, i.e. the ceiling of the layer on this backend.
     """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
@@ -259,7 +258,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
     steps = {name: make_train_step(layers[name], x) for name in names}
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
-    medians = time_steps(steps, repeats=repeats, settle=1)
+    medians = time_steps(steps, repeats=repeats)
     result = {
         "case": case.name,
         "mode": case.mode,
@@ -338,8 +337,7 @@ def scaling_cases(base, num_experts=(8, 16, 32, 64, 128), tokens=(256, 1024, 409
 
 
 def time_scaling(cases, repeats=5, seed=0):
-    """MoE step times of several cases, interleaved so drift hits them all alike
-    (each timed call follows one untimed call of the same step, see `time_steps`).
+    """MoE step times of several cases, interleaved so drift hits them all alike.
 
     Each case's expert bank is also timed alone on balanced rows (as in `run_case`),
     so growth that comes from the expert matmuls themselves shows apart from growth
@@ -356,7 +354,7 @@ def time_scaling(cases, repeats=5, seed=0):
         moe = build_layers(case)["moe"]
         steps[case.name] = make_train_step(moe, case_inputs(case, seed))
         steps[case.name + "/experts"] = make_train_step(moe.experts, balanced_expert_rows(case, seed))
-    medians = time_steps(steps, repeats=repeats, settle=1)
+    medians = time_steps(steps, repeats=repeats)
     first = cases[0].name
     return [
         {
