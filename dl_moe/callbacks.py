@@ -62,7 +62,7 @@ class RoutingMonitor(keras.callbacks.Callback):
         epoch_stats: `{layer name: [per-epoch dict of get_routing_stats()]}`.
 
     After training, `plot_heatmap(path)` and `plot_load_balance(path)` draw that history
-    with matplotlib (`save_plots(output_dir)` writes both), see `dl_moe.plots`.
+    with matplotlib (`save_plots(output_dir)` writes both), see `dl_moe.tools.plots`.
 
     Args:
         layers: The MoE layers to watch (None: every `MixtureOfExperts` in the model).
@@ -158,13 +158,13 @@ class RoutingMonitor(keras.callbacks.Callback):
 
     def plot_heatmap(self, path):
         """Writes a PNG heatmap per layer: experts x epochs, colour = share of assignments."""
-        from dl_moe.plots import plot_routing_heatmap
+        from dl_moe.tools.plots import plot_routing_heatmap
 
         return plot_routing_heatmap(self.expert_fractions, path)
 
     def plot_load_balance(self, path):
         """Writes a PNG of each layer's load CV (std / mean of the per-expert load) per epoch."""
-        from dl_moe.plots import plot_load_balance
+        from dl_moe.tools.plots import plot_load_balance
 
         return plot_load_balance(self.expert_fractions, path)
 

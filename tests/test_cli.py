@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from dl_moe import cli
+from dl_moe.tools import cli
 
 
 def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
@@ -72,7 +72,7 @@ def test_presets_lists_every_preset_with_its_key_settings(capsys):
 
 
 def test_digits_tokens_are_rows_of_pixels():
-    from dl_moe.demo import load_digits_tokens
+    from dl_moe.tools.digits import load_digits_tokens
 
     x_train, x_test, y_train, y_test = load_digits_tokens()
     assert x_train.shape[1:] == (8, 8) and len(x_train) + len(x_test) == 1797
@@ -81,7 +81,7 @@ def test_digits_tokens_are_rows_of_pixels():
 
 
 def test_bench_runs_with_tiny_settings(capsys, monkeypatch, tmp_path):
-    from dl_moe import bench
+    from dl_moe.tools import bench
 
     tiny = [bench.Case("a", 64, 16, 32, 4, 2, 1.0), bench.Case("a", 64, 16, 32, 4, 2, drop_tokens=False)]
     monkeypatch.setattr(bench, "STANDARD_CASES", tiny)
@@ -97,7 +97,7 @@ def test_bench_runs_with_tiny_settings(capsys, monkeypatch, tmp_path):
 
 
 def test_bench_scaling_times_every_size_against_the_first(capsys, monkeypatch, tmp_path):
-    from dl_moe import bench
+    from dl_moe.tools import bench
 
     tiny = [bench.Case("a", 64, 16, 32, 4, 2, 1.0)]
     monkeypatch.setattr(bench, "STANDARD_CASES", tiny)
@@ -140,7 +140,7 @@ def test_dl_moe_command_defaults_to_jax_backend():
 
 
 def test_bench_time_steps_interleaves_and_times_only_the_call_after_settling(monkeypatch):
-    from dl_moe import bench
+    from dl_moe.tools import bench
 
     clock = {"now": 0.0}
     calls = []
@@ -165,7 +165,7 @@ def test_bench_time_steps_interleaves_and_times_only_the_call_after_settling(mon
 def test_bench_memory_grows_with_the_batch_on_every_backend():
     import dataclasses
 
-    from dl_moe import bench
+    from dl_moe.tools import bench
 
     small = bench.Case("a", 256, 64, 128, 4, 2, 1.0)
     large = dataclasses.replace(small, tokens=4096)
@@ -177,7 +177,7 @@ def test_bench_memory_grows_with_the_batch_on_every_backend():
 
 
 def test_bench_reads_the_temp_buffer_from_an_xla_buffer_assignment_dump(tmp_path):
-    from dl_moe import bench
+    from dl_moe.tools import bench
 
     (tmp_path / "module_0001.a_inference_tf_step_7.cpu_after_optimizations-buffer-assignment.txt").write_text(
         "allocation 0: size 4096, parameter 0, shape |f32[4,256]| at ShapeIndex {}:\n"

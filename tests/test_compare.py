@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dl_moe import cli, compare
+from dl_moe.tools import cli, compare
 
 
 def test_mean_std_uses_the_sample_std():
@@ -108,16 +108,16 @@ def test_parse_routers():
 
 
 def test_compare_runs_end_to_end_and_writes_its_files(tmp_path, capsys, monkeypatch):
-    from dl_moe import demo
+    from dl_moe.tools import digits
 
-    full = demo.load_digits_tokens
+    full = digits.load_digits_tokens
 
     def fewer_digits(seed=0, test_fraction=0.25):
         # A quarter of the data keeps the test short on every backend (same code path).
         x_train, x_test, y_train, y_test = full(seed, test_fraction)
         return x_train[:320], x_test[:180], y_train[:320], y_test[:180]
 
-    monkeypatch.setattr(demo, "load_digits_tokens", fewer_digits)
+    monkeypatch.setattr(digits, "load_digits_tokens", fewer_digits)
     code = cli.main(["compare", "--routers", "top1,top2", "--seeds", "2", "--epochs", "1", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0

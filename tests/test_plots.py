@@ -1,4 +1,4 @@
-"""dl_moe.plots and the RoutingMonitor's plots: files are written from fixed inputs."""
+"""dl_moe.tools.plots and the RoutingMonitor's plots: files are written from fixed inputs."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dl_moe
-from dl_moe import plots
+from dl_moe.tools import plots
 from dl_moe.callbacks import RoutingMonitor
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

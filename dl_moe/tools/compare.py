@@ -1,6 +1,6 @@
 """`dl-moe compare`: the demo's digits classifier trained with different routers.
 
-Every router trains the same model (`dl_moe.demo.build_classifier`: 8 row-tokens per
+Every router trains the same model (`dl_moe.tools.digits.build_classifier`: 8 row-tokens per
 digit, 2 residual MoE blocks of E = 8 MLP experts of width 64 on d = 32) with the same
 optimiser, epochs and seeds (a seed fixes the train/test split and the initialisation,
 so router r and the baseline see the same splits; the training set is trimmed to a
@@ -178,7 +178,7 @@ def _trim(x, y, batch_size):
 
 def _measure(model, x_test, y_test, batch_size):
     """Test accuracy and per-layer routing measurements of a trained model."""
-    from dl_moe.demo import moe_layers
+    from dl_moe.tools.digits import moe_layers
 
     layers = moe_layers(model)
     for layer in layers:
@@ -211,7 +211,7 @@ def run_router(router, seeds, epochs, batch_size=64, test_batch_size=90, learnin
     fresh optimizer state and its own train/test split, so `train_seconds` is training
     only. `on_run(run)` is called after each run.
     """
-    from dl_moe.demo import build_classifier, load_digits_tokens
+    from dl_moe.tools.digits import build_classifier, load_digits_tokens
 
     keras.utils.set_random_seed(seeds[0])
     model = build_classifier(**ROUTERS[router])
@@ -309,7 +309,7 @@ def _json_safe(value):
 
 def write_outputs(runs, rows, output_dir, settings):
     """Writes compare.csv (summary), compare_runs.csv, compare.json and accuracy_vs_experts.png."""
-    from dl_moe.plots import plot_accuracy_vs_experts
+    from dl_moe.tools.plots import plot_accuracy_vs_experts
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {

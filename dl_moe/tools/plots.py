@@ -118,7 +118,7 @@ def plot_accuracy_vs_experts(summary, path, baseline="top2"):
 
     Args:
         summary: rows with `router`, `accuracy_mean`, `accuracy_std` and
-            `flops_vs_top2` (as `dl_moe.compare.summarize` returns).
+            `flops_vs_top2` (as `dl_moe.tools.compare.summarize` returns).
         path: PNG file to write.
         baseline: Router drawn with a dashed reference line.
     """

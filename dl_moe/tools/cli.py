@@ -116,7 +116,7 @@ def _run(argv):
         # The benchmark owns its options (`dl-moe bench --help`).
         os.environ.setdefault("KERAS_BACKEND", "jax")
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from dl_moe.bench import main as bench_main
+        from dl_moe.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -124,13 +124,13 @@ def _run(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "demo":
         _require_positive(args, "epochs")
-        from dl_moe.demo import run_demo
+        from dl_moe.tools.demo import run_demo
 
         summary = run_demo(epochs=args.epochs, output_dir=args.output_dir, seed=args.seed)
         return 0 if summary["reload_agrees"] else 1
     if args.command == "compare":
         _require_positive(args, "epochs", "seeds")
-        from dl_moe.compare import parse_routers, run_compare
+        from dl_moe.tools.compare import parse_routers, run_compare
 
         try:
             routers = None if args.routers is None else parse_routers(args.routers)

@@ -431,7 +431,7 @@ def memory_table(cases, kinds=("moe", "dense")):
                 if keras.backend.backend() == "tensorflow":
                     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
                 out = subprocess.run(
-                    [sys.executable, "-m", "dl_moe.bench", "--memory-child", spec, kind, dump_dir],
+                    [sys.executable, "-m", "dl_moe.tools.bench", "--memory-child", spec, kind, dump_dir],
                     check=True, capture_output=True, text=True, env=env,
                 ).stdout
             row[f"{kind}_mb"] = float(out.strip().splitlines()[-1])
