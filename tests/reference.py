@@ -8,7 +8,10 @@ import math
 
 import numpy as np
 
-_erf = np.vectorize(math.erf)
+try:
+    from scipy.special import erf as _erf
+except ImportError:  # scipy is an optional extra
+    _erf = np.vectorize(math.erf)
 
 
 def gelu(x):
@@ -123,10 +126,11 @@ def token_choice_moe(
     kept, load = assign_with_capacity(indices, active, num_experts, cap)
     out_dim = w["down_kernel"].shape[-1]
     out = np.zeros((num_tokens, out_dim))
-    for t in range(num_tokens):
-        for j in range(top_k):
-            if kept[t, j]:
-                out[t] += weights[t, j] * ffn_expert(w, indices[t, j], x[t : t + 1], ffn_type, activation, use_bias)[0]
+    for e in range(num_experts):
+        tokens, slots = np.nonzero(kept & (indices == e))  # each kept assignment to e
+        if len(tokens):
+            rows = ffn_expert(w, e, x[tokens], ffn_type, activation, use_bias)
+            np.add.at(out, tokens, weights[tokens, slots][:, None] * rows)
     fully_dropped = active.any(-1) & ~kept.any(-1)
     if residual and out_dim == x.shape[1]:
         out[fully_dropped] = x[fully_dropped]

@@ -103,18 +103,39 @@ def test_balancing_modes_register_the_right_losses(overrides, count):
     assert len(layer.losses) == 0
 
 
-def test_importance_and_entropy_losses_are_scaled_and_logged():
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_importance_and_entropy_losses_match_numpy(with_mask):
+    # Importance (Shazeer 2017): CV^2 (population variance / mean^2) of the total routing
+    # weight per expert; entropy: mean over tokens of -sum_e p_e log p_e. Padding counts
+    # in neither. Both computed here from the router kernel, top-2 of p = softmax(x W).
     layer = dl_moe.create_ffn_moe(
-        E, D, intermediate_size=16, balancing="none", z_loss_weight=0.0, importance_loss_weight=0.5,
+        E, D, intermediate_size=16, top_k=2, balancing="none", z_loss_weight=0.0, importance_loss_weight=0.5,
         entropy_loss_weight=0.25,
     )
-    x, _ = _skewed_data(32)
-    losses = sorted(_losses(layer, x))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 16, D)).astype("float32")
+    mask = np.ones((2, 16), bool)
+    if with_mask:
+        mask[1, 9:] = False
+    layer.build(x.shape)
+    kernel = rng.normal(size=(D, E)).astype("float32")
+    layer.gating_network.router_kernel.assign(kernel)
+    layer(x, training=True, mask=mask)
+    losses = sorted(float(ops.convert_to_numpy(loss)) for loss in layer.losses)
+    tokens = x.reshape(-1, D)[mask.reshape(-1)]
+    logits = tokens @ kernel
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top2 = np.argsort(-p, axis=-1)[:, :2]
+    importance = np.zeros(E)
+    for t, chosen in enumerate(top2):
+        importance[chosen] += p[t, chosen]
+    importance_cv2 = importance.var() / importance.mean() ** 2
+    entropy = np.mean(-(p * np.log(p)).sum(-1))
+    assert importance_cv2 > 0.01  # an unbalanced router, so the value tells something
+    np.testing.assert_allclose(losses, sorted([0.5 * importance_cv2, 0.25 * entropy]), rtol=1e-5)
     stats = layer.get_routing_stats()
-    assert stats["importance_loss"] > 0 and stats["entropy_loss"] > 0
-    np.testing.assert_allclose(
-        losses, sorted([0.5 * stats["importance_loss"], 0.25 * stats["entropy_loss"]]), rtol=1e-5
-    )
+    np.testing.assert_allclose([stats["importance_loss"], stats["entropy_loss"]], [importance_cv2, entropy], rtol=1e-5)
 
 
 def test_importance_loss_trains_toward_balance():

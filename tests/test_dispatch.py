@@ -83,9 +83,15 @@ def test_dispatch_and_combine_round_trip_with_feature_axes():
     tokens = np.random.default_rng(2).normal(size=(12, 2, 3)).astype("float32")
     buffers = dispatch.dispatch(ops.convert_to_tensor(tokens), plan)
     assert tuple(buffers.shape)[1:] == (8, 2, 3)
-    weights = np.full((12, 2), 0.5, "float32")
+    # Distinct weights per token and slot: an identity expert returns sum_j w[t, j] * x[t],
+    # which a combine that mixed up slots or tokens, or averaged, would not.
+    weights = np.random.default_rng(3).uniform(0.1, 2.0, size=(12, 2)).astype("float32")
     out = numpy_of(dispatch.combine(buffers, plan, ops.convert_to_tensor(weights)))
-    np.testing.assert_allclose(out, tokens, atol=1e-6)
+    np.testing.assert_allclose(out, weights.sum(-1)[:, None, None] * tokens, rtol=1e-6, atol=1e-6)
+    # One slot's weight alone: only that slot's copy of the token comes back.
+    first = weights * np.array([1.0, 0.0], "float32")
+    out = numpy_of(dispatch.combine(buffers, plan, ops.convert_to_tensor(first)))
+    np.testing.assert_allclose(out, weights[:, :1, None] * tokens, rtol=1e-6, atol=1e-6)
 
 
 def test_expert_capacity_rounds_up_to_multiple_of_eight():

@@ -169,7 +169,11 @@ def test_slice_path_with_masked_tokens_and_idle_experts(drop_tokens, monkeypatch
     x = np.random.default_rng(2).normal(size=(1, 6, 8)).astype("float32")
     mask = np.array([[True, True, False, True, False, False]])
     layer = dl_moe.create_ffn_moe(8, 8, top_k=1, intermediate_size=8, drop_tokens=drop_tokens)
+    slice_plans = []
+    plan_slices = dispatch.plan_ragged_dispatch
+    monkeypatch.setattr(dispatch, "plan_ragged_dispatch", lambda *a, **k: slice_plans.append(1) or plan_slices(*a, **k))
     out = np.asarray(ops.convert_to_numpy(layer(x, mask=mask)))
+    assert slice_plans == [1]  # the slice path ran
     ref = reference.token_choice_moe(x[0], reference.weights_of(layer), num_experts=8, top_k=1, mask=mask[0])
     np.testing.assert_allclose(out[0], ref["out"], atol=1e-5)
 
@@ -190,3 +194,22 @@ def test_slice_path_runs_other_banks_once_per_expert(monkeypatch):
     assert not layer.experts.supports_slice_counts
     portable, fast = run_both_paths(layer, x, monkeypatch)
     assert_same_results(portable, fast)
+
+    # Count the bank's calls on the slice path: one per expert that holds rows, in
+    # expert order, each with only that expert's kept rows.
+    monkeypatch.setattr(SLICES_SWITCH, lambda: True)
+    decision = layer.route(x, training=True)
+    loads = np.bincount(decision["indices"][decision["active"]], minlength=3)
+    capacity = reference.capacity(10, 2, 3, 0.5)  # 8 rows: experts overflow
+    assert loads.max() > capacity
+    calls = []
+    bank_call = layer.experts.call
+
+    def counting_call(inputs, group_expert=None, **kwargs):
+        calls.append((np.asarray(ops.convert_to_numpy(group_expert)).tolist(), int(inputs.shape[1])))
+        return bank_call(inputs, group_expert=group_expert, **kwargs)
+
+    monkeypatch.setattr(layer.experts, "call", counting_call)
+    layer(x, training=True)
+    want = [([e], int(min(load, capacity))) for e, load in enumerate(loads) if load > 0]
+    assert calls == want

@@ -78,3 +78,38 @@ def test_seed_config_and_validation():
 
 def test_layer_checks(tmp_path):
     run_moe_layer_checks(lambda: make_layer(hidden_dim=8), (6, 8), tmp_path)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_decision_and_output_match_numpy_reference(normalize):
+    # p(e) = p(group) * p(e | group), computed here from the two routers' kernels; the
+    # top-3 experts by p(e) inside the 2 best of 4 groups, weights p(e) (renormalised).
+    from tests import reference
+
+    num_experts, groups, group_size, top_k = 8, 4, 2, 3
+    layer = make_layer(top_k_groups=2, top_k=top_k, drop_tokens=False, normalize_top_k=normalize)
+    x = np.random.default_rng(2).normal(size=(30, 6)).astype("float32")
+    layer.build(x.shape)
+    rng = np.random.default_rng(3)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(scale=0.8, size=v.shape).astype("float32"))
+    router = layer.gating_network
+    group_kernel = ops.convert_to_numpy(router.group_router.router_kernel)  # [d, 4]
+    expert_kernel = ops.convert_to_numpy(router.expert_router.router_kernel)  # [d, 8]
+    p_group = reference.softmax(x @ group_kernel)  # [T, 4]
+    p_within = reference.softmax((x @ expert_kernel).reshape(-1, groups, group_size))  # [T, 4, 2]
+    p = (p_group[:, :, None] * p_within).reshape(-1, num_experts)
+    want_out = np.zeros_like(x)
+    w = reference.weights_of(layer)
+    decision = layer.route(x)
+    for t in range(len(x)):
+        best_groups = np.argsort(-p_group[t], kind="stable")[:2]
+        allowed = np.concatenate([np.arange(g * group_size, (g + 1) * group_size) for g in best_groups])
+        chosen = allowed[np.argsort(-p[t, allowed], kind="stable")[:top_k]]
+        weights = p[t, chosen] / (p[t, chosen].sum() if normalize else 1.0)
+        got = dict(zip(decision["indices"][t].tolist(), decision["weights"][t].tolist()))
+        assert set(got) == set(chosen.tolist()), t
+        np.testing.assert_allclose([got[e] for e in chosen], weights, rtol=1e-5, atol=1e-7)
+        for e, weight in zip(chosen, weights):
+            want_out[t] += weight * reference.ffn_expert(w, e, x[t : t + 1], "mlp")[0]
+    np.testing.assert_allclose(ops.convert_to_numpy(layer(x)), want_out, rtol=1e-5, atol=1e-5)

@@ -51,8 +51,12 @@ def test_saved_models_load_on_other_backend(target, tmp_path):
         x = np.random.default_rng(0).normal(size=(5,) + shape).astype("float32")
         np.save(tmp_path / f"{name}.x.npy", x)
         model = build_model(factory, shape)
-        for v in model.trainable_variables:  # non-trivial weights everywhere
-            v.assign(np.random.default_rng(len(paths)).normal(scale=0.3, size=v.shape).astype("float32"))
+        # Non-trivial weights everywhere, from one generator per model: variables of the
+        # same shape (gate/up, key/value, query/output) hold different values, so a swap
+        # on load changes the predictions.
+        rng = np.random.default_rng(len(paths))
+        for v in model.trainable_variables:
+            v.assign(rng.normal(scale=0.3, size=v.shape).astype("float32"))
         path = str(tmp_path / f"{name}.keras")
         model.save(path)
         paths.append(path)

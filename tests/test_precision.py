@@ -189,6 +189,10 @@ def test_mixed_output_is_close_to_float32():
     # choice; tokens routed the same way must agree within bfloat16 precision.
     x = np.random.default_rng(5).normal(size=(4, 6, 8)).astype("float32")
     reference_layer = moe(drop_tokens=False)
+    reference_layer.build(x.shape)
+    rng = np.random.default_rng(6)  # the same weights on every backend
+    for v in reference_layer.trainable_weights:
+        v.assign(rng.normal(scale=0.5, size=v.shape).astype("float32"))
     reference = numpy_f32(reference_layer(x)).reshape(-1, 8)
     reference_route = reference_layer.route(x)
     weights = reference_layer.get_weights()
@@ -199,5 +203,9 @@ def test_mixed_output_is_close_to_float32():
     out = numpy_f32(layer(x)).reshape(-1, 8)
     route = layer.route(ops.cast(x, "bfloat16"))  # the router sees the autocast input
     same = np.all(np.sort(route["indices"], -1) == np.sort(reference_route["indices"], -1), axis=-1)
-    assert same.mean() >= 0.8
-    np.testing.assert_allclose(out[same], reference[same], rtol=0.05, atol=0.05)
+    # With these weights no token changes experts on any backend, and the largest
+    # difference is 0.63% of the largest output (|out| <= 5.2; measured 0.0324 on all
+    # three backends), under 2 bfloat16 steps (2^-8 relative): 1.5% is a 2.4x margin.
+    assert same.all()
+    error = np.abs(out - reference).max() / np.abs(reference).max()
+    assert error < 0.015, error
