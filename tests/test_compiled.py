@@ -72,7 +72,7 @@ def make_model(router, expert, extra):
     return keras.Model(inputs, outputs), input_shape
 
 
-def fit(model, input_shape, jit_compile, epochs=2):
+def fit(model, input_shape, jit_compile, epochs=2, run_eagerly=False):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16,) + input_shape).astype("float32")
     y = rng.integers(0, 3, size=(16,))
@@ -80,6 +80,7 @@ def fit(model, input_shape, jit_compile, epochs=2):
         optimizer=keras.optimizers.Adam(1e-2),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=jit_compile,
+        run_eagerly=run_eagerly,
     )
     return model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, shuffle=False).history["loss"]
 
@@ -98,13 +99,59 @@ def test_excluded_combinations_are_config_errors(pair):
         make_model(router, expert, {})
 
 
+def is_traced(tensor):
+    """True for a tensor of a compiled function being traced (not a concrete value)."""
+    if BACKEND == "jax":
+        import jax
+
+        return isinstance(tensor, jax.core.Tracer)
+    import tensorflow as tf
+
+    return not tf.executing_eagerly() and tf.is_tensor(tensor)
+
+
+@pytest.fixture
+def moe_calls(monkeypatch):
+    """Records, for each call of a MoE layer on backend tensors, whether it was traced."""
+    calls = []
+    original = dl_moe.MixtureOfExperts.call
+
+    def recording_call(self, inputs, *args, **kwargs):
+        if not isinstance(inputs, keras.KerasTensor):
+            calls.append(is_traced(inputs))
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(dl_moe.MixtureOfExperts, "call", recording_call)
+    return calls
+
+
+STEPS = 4  # fit(): 16 examples in batches of 8, 2 epochs
+
+
 @pytest.mark.skipif(BACKEND == "torch", reason="XLA jit_compile is TF/JAX; torch.compile is tested below")
 @pytest.mark.parametrize("case", cases(), ids=case_id)
-def test_xla_compiled_fit(case):
+def test_xla_compiled_fit(case, moe_calls):
     model, input_shape = make_model(*case)
     losses = fit(model, input_shape, jit_compile=True)
     assert model.jit_compile is True  # Keras did not fall back to non-XLA execution
+    # fit ran a compiled step: the layer was traced (once per step function), not
+    # called with concrete tensors at each of the steps.
+    assert moe_calls and all(moe_calls) and len(moe_calls) < STEPS, moe_calls
     assert np.all(np.isfinite(losses)), losses
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="XLA jit_compile is TF/JAX; torch.compile is tested below")
+@pytest.mark.parametrize("case", [("linear", "ffn", {}), ("top_p", "ffn", {"drop_tokens": False})], ids=case_id)
+def test_xla_compiled_fit_matches_eager(case, moe_calls):
+    keras.utils.set_random_seed(7)
+    eager_model, input_shape = make_model(*case)
+    keras.utils.set_random_seed(7)
+    compiled_model, _ = make_model(*case)
+    eager = fit(eager_model, input_shape, jit_compile=False, run_eagerly=True)
+    assert moe_calls.count(False) == STEPS  # eager: one concrete call per step
+    compiled = fit(compiled_model, input_shape, jit_compile=True)
+    # XLA fuses and reorders float32 sums: the losses of 4 steps agree to about 1e-6.
+    np.testing.assert_allclose(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.compile applies to the torch backend")

@@ -107,6 +107,17 @@ def test_gating_capacity_factor_overrides_both_phases():
         eval_capacity_factor=3.0,
     )
     assert config.capacity_factor(True) == config.capacity_factor(False) == 1.0
+    # ... and through the outputs: both phases drop what C = capacity(T, 1, E, 1.0) drops.
+    x = np.random.default_rng(5).normal(size=(64, 8)).astype("float32")
+    layer = dl_moe.MixtureOfExperts(config)
+    layer.build(x.shape)
+    randomize(layer, seed=3, scale=1.0)
+    w = reference.weights_of(layer)
+    ref = reference.token_choice_moe(x, w, num_experts=4, top_k=1, cap=reference.capacity(64, 1, 4, 1.0))
+    loose = reference.token_choice_moe(x, w, num_experts=4, top_k=1, cap=reference.capacity(64, 1, 4, 3.0))
+    assert ref["fully_dropped"].any() and not loose["fully_dropped"].any()
+    for training in (True, False):
+        np.testing.assert_allclose(numpy_of(layer(x, training=training)), ref["out"], atol=ATOL, rtol=1e-5)
 
 
 def test_all_tokens_to_one_expert_drops_exactly_the_overflow():
@@ -329,6 +340,9 @@ def test_noise_only_in_training():
     randomize(layer)
     eval_a, eval_b = numpy_of(layer(x)), numpy_of(layer(x))
     np.testing.assert_array_equal(eval_a, eval_b)
+    # Outside training the layer is the noise-free router's MoE.
+    ref = reference.token_choice_moe(x, reference.weights_of(layer), num_experts=4, top_k=2)
+    np.testing.assert_allclose(eval_a, ref["out"], atol=ATOL, rtol=1e-5)
     train_a, train_b = numpy_of(layer(x, training=True)), numpy_of(layer(x, training=True))
     assert np.abs(train_a - train_b).max() > 1e-4
     assert "noise_kernel" in reference.weights_of(layer)
