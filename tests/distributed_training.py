@@ -1,8 +1,9 @@
 """Trains one small MoE model single-device, expert-parallel and data-parallel.
 
 Run with KERAS_BACKEND=jax and XLA_FLAGS=--xla_force_host_platform_device_count=8;
-prints one JSON line with the per-step losses of each run and the expert weights'
-sharding.
+prints one JSON line with the per-step losses of each run, the expert weights'
+sharding, and the sharding constraints of a compiled forward with and without
+`expert_parallel`.
 """
 
 import json
@@ -38,6 +39,21 @@ def train(model, weights_path):
     return [float(model.train_on_batch(x, y)) for _ in range(STEPS)]
 
 
+def sharding_constraints(expert_parallel):
+    """The sharding constraints in the lowered (StableHLO) training forward of one MoE
+    layer, under the current distribution: one line per constraint."""
+    import jax
+
+    layer = dl_moe.create_ffn_moe(8, 16, top_k=2, intermediate_size=32, expert_parallel=expert_parallel, name="moe")
+    x = np.random.default_rng(0).normal(size=(16, 8, 16)).astype("float32")
+    layer.build(x.shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    forward = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=True)[0])
+    text = forward.lower(trainable, non_trainable, x).as_text()
+    return [line.strip() for line in text.splitlines() if "sharding_constraint" in line or "@Sharding" in line]
+
+
 def main(work_dir):
     weights_path = os.path.join(work_dir, "init.weights.h5")
     single = build(expert_parallel=False)
@@ -55,6 +71,7 @@ def main(work_dir):
         expert_parallel.get_layer("moe").gating_network.router_kernel.value.sharding.shard_shape((16, 8))
     )
     result["expert_parallel"] = train(expert_parallel, weights_path)
+    result["constraints"] = {flag: sharding_constraints(flag == "on") for flag in ("on", "off")}
 
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     result["data_parallel"] = train(build(expert_parallel=False), weights_path)

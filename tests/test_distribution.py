@@ -38,6 +38,12 @@ def test_expert_parallel_training_matches_single_device(tmp_path):
     np.testing.assert_allclose(result["expert_parallel"], result["single"], atol=1e-4)
     np.testing.assert_allclose(result["data_parallel"], result["single"], atol=1e-4)
     assert result["single"][-1] < result["single"][0]
+    # expert_parallel constrains the [E, C, d] buffers (E = 8, C = ceil(1.25 * 128 * 2 / 8)
+    # = 40, d = 16) to the expert axis; without it the layer adds no constraint.
+    on, off = result["constraints"]["on"], result["constraints"]["off"]
+    buffers = [line for line in on if "tensor<8x40x16xf32>" in line]
+    assert buffers and all('[{"expert"}, {}, {}]' in line for line in buffers), on
+    assert off == [], off
 
 
 def test_layout_map_names_mesh_axes_and_shards_expert_weights():
