@@ -11,9 +11,9 @@ reported as "mutant no longer applies" and the run fails.
 
 Usage (from the repository root):
 
-    KERAS_BACKEND=jax python benchmarks/mutation_check.py            # every mutant
-    KERAS_BACKEND=jax python benchmarks/mutation_check.py --only swap_gate_up,skip_renormalisation
-    python benchmarks/mutation_check.py --list
+    KERAS_BACKEND=torch python benchmarks/mutation_check.py   # every mutant (eager torch is quickest)
+    KERAS_BACKEND=torch python benchmarks/mutation_check.py --only swap_gate_up,drop_z_loss
+    python benchmarks/mutation_check.py --list     # or --check: does every mutant still apply?
 
 Exit status 0 when every mutant is caught, 1 otherwise.
 """
@@ -43,6 +43,7 @@ class Mutant:
         new: Replacement.
         tests: pytest node ids or files (relative to the repository root); a
             "file::-k expr" entry selects tests by keyword.
+        backend: Backend these tests need (None: the run's backend).
     """
 
     name: str
@@ -50,39 +51,106 @@ class Mutant:
     old: str
     new: str
     tests: tuple
+    backend: str = None
 
+
+REF = "tests/test_layer_reference.py"
+ROUTERS_REF = "tests/test_routers_reference.py"
+DOCUMENTED = "tests/test_documented_behaviours.py"
 
 MUTANTS = [
     # ------------------------------------------------------------- experts
     Mutant(
         "swap_gate_up",
-        "GLU experts use the up matrix as the gate and vice versa",
-        "gate = self._project(rows, self.gate_kernel",
-        "gate = self._project(rows, self.up_kernel",
-        ("tests/test_layer_reference.py::-k dropless_matches_reference",),
+        "GLU experts gate with the up matrix and scale with the gate matrix",
+        'hidden = self._hidden_activation(project(inputs, "gate")) * up',
+        'hidden = self._hidden_activation(up) * project(inputs, "gate")',
+        (f"{REF}::-k dropless_matches_reference",),
+    ),
+    Mutant(
+        "swap_gate_up_on_load",
+        "loading a .keras file puts the saved gate matrix into up_kernel and vice versa",
+        "getattr(self, name).assign(store[str(index)])",
+        'getattr(self, {"gate_kernel": "up_kernel", "up_kernel": "gate_kernel"}.get(name, name))'
+        ".assign(store[str(index)])",
+        ("tests/test_portability.py::-k jax",),
+    ),
+    Mutant(
+        "bias_without_gradient",
+        "expert biases take part in the forward pass but get no gradient",
+        'bias = getattr(self, name + "_bias") if self.use_bias else None',
+        'bias = ops.stop_gradient(getattr(self, name + "_bias")) if self.use_bias else None',
+        ("tests/test_gradients.py",),
     ),
     # ------------------------------------------------------------ dispatch
     Mutant(
         "reverse_drop_priority",
-        "capacity priority puts later tokens first (choice * T - token)",
-        "priority = choice * num_tokens + token",
-        "priority = choice * num_tokens + (num_tokens - 1 - token)",
-        ("tests/test_layer_reference.py::-k capacity_mode_drops",),
+        "a full expert keeps the latest assignments instead of the earliest",
+        'order = ops.cast(ops.argsort(flat_expert * num_assignments + position), "int32")',
+        'order = ops.cast(ops.argsort(flat_expert * num_assignments + (num_assignments - 1 - position)), "int32")',
+        (f"{REF}::-k capacity_mode_drops",),
     ),
     Mutant(
         "capacity_off_by_one",
-        "expert capacity one row short of ceil(cf * T * k / E) rounded up to 8",
-        "return round_up_rows(math.ceil(capacity_factor * num_tokens * top_k / num_experts))",
-        "return round_up_rows(math.ceil(capacity_factor * num_tokens * top_k / num_experts)) - 1",
-        ("tests/test_dispatch.py::-k capacity", "tests/test_layer_reference.py::-k capacity"),
+        "expert capacity from ceil(cf * T * k / E) + 1",
+        "return round_up_rows(math.ceil(capacity_factor * num_tokens * top_k / num_experts), multiple)",
+        "return round_up_rows(math.ceil(capacity_factor * num_tokens * top_k / num_experts) + 1, multiple)",
+        ("tests/test_dispatch.py::-k capacity",),
+    ),
+    Mutant(
+        "combine_swaps_slot_weights",
+        "combine weights each token's j-th expert output with the weight of another slot",
+        'summed = ops.einsum("tk,tkf->tf", ops.cast(w, gathered.dtype), flat)',
+        'summed = ops.einsum("tk,tkf->tf", ops.cast(ops.flip(w, axis=-1), gathered.dtype), flat)',
+        ("tests/test_dispatch.py::-k round_trip",),
+    ),
+    Mutant(
+        "layer_combines_with_other_weights",
+        "the layer combines with the routing weights of the other slots (router unchanged)",
+        "dispatch_lib.combine(expert_outputs, plan, weights)",
+        "dispatch_lib.combine(expert_outputs, plan, ops.flip(weights, axis=-1))",
+        ("tests/test_properties.py::-k layer_invariants",),
+    ),
+    Mutant(
+        "residual_without_gradient",
+        "a fully dropped token's residual passes its value but not its gradient",
+        "outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))",
+        "outputs = outputs + ops.where(rows, ops.stop_gradient(tokens), ops.zeros_like(tokens))",
+        ("tests/test_gradients.py",),
+    ),
+    Mutant(
+        "residual_cut_to_output_width",
+        "a fully dropped token with output_dim != d outputs its input cut to the output width",
+        "if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):\n"
+        "            rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
+        "            outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))",
+        "if self.config.use_residual_connection:\n"
+        "            rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
+        "            outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))[..., : outputs.shape[-1]]",
+        (f"{DOCUMENTED}::-k fully_dropped",),
+    ),
+    Mutant(
+        "expert_choice_capacity_plus_one",
+        "expert choice takes ceil(T * c / E) + 1 tokens per expert",
+        "return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts)))",
+        "return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts) + 1))",
+        (f"{ROUTERS_REF}::-k expert_choice_layer_output",),
+    ),
+    Mutant(
+        "layer_ignores_gating_capacity_factor",
+        "the layer sizes buffers from train/eval_capacity_factor, ignoring GatingConfig.capacity_factor",
+        "capacity_factor = self.config.capacity_factor(bool(training))",
+        "capacity_factor = self.config.train_capacity_factor if training else self.config.eval_capacity_factor",
+        (f"{REF}::-k overrides_both_phases",),
     ),
     # -------------------------------------------------------------- routing
     Mutant(
         "skip_top_k_renormalisation",
         "normalize_top_k=True keeps the raw selected probabilities",
-        "weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)",
-        "weights = weights",
-        ("tests/test_layer_reference.py::-k dropless_matches_reference",),
+        "    if normalize:\n        weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)\n"
+        '    return weights, ops.cast(indices, "int32")',
+        '    return weights, ops.cast(indices, "int32")',
+        (f"{REF}::-k dropless_matches_reference",),
     ),
     Mutant(
         "aux_free_bias_on_weights",
@@ -91,7 +159,190 @@ MUTANTS = [
         "        weights = ops.take_along_axis(probs, indices, axis=-1)",
         "_, indices = ops.top_k(probs, top_k)\n"
         "        weights = ops.take_along_axis(probs + ops.cast(bias, probs.dtype), indices, axis=-1)",
-        ("tests/test_routers_reference.py::-k aux_free", "tests/test_balancing.py"),
+        (f"{ROUTERS_REF}::-k aux_free",),
+    ),
+    Mutant(
+        "expert_choice_ignores_mask",
+        "the expert-choice router lets experts pick padding tokens",
+        'scores = ops.where(ops.expand_dims(ops.cast(mask, "bool"), -1), probs, -1.0)',
+        "scores = probs",
+        (f"{ROUTERS_REF}::-k expert_choice_hand",),
+    ),
+    Mutant(
+        "top_p_ignores_threshold",
+        "top-p routing uses the default threshold 0.4 whatever top_p_threshold says",
+        "threshold=DEFAULT_THRESHOLD if gating.top_p_threshold is None else gating.top_p_threshold,",
+        "threshold=DEFAULT_THRESHOLD,",
+        (f"{ROUTERS_REF}::-k numpy_reference and top_p",),
+    ),
+    Mutant(
+        "resonance_ignores_strength",
+        "resonance uses the default bidirectional_strength 0.5",
+        "bidirectional_strength=DEFAULT_STRENGTH if strength is None else strength,",
+        "bidirectional_strength=DEFAULT_STRENGTH,",
+        (f"{ROUTERS_REF}::-k numpy_reference and resonance",),
+    ),
+    Mutant(
+        "ensemble_ignores_member_weights",
+        "every ensemble member gets weight 1",
+        "weights.append(weight)",
+        "weights.append(1.0)",
+        (f"{ROUTERS_REF}::-k numpy_reference and ensemble",),
+    ),
+    Mutant(
+        "conditional_ignores_threshold_low",
+        "the conditional router uses the default threshold_low 0.3",
+        "threshold_low=pick(gating.threshold_low, DEFAULT_THRESHOLD_LOW),",
+        "threshold_low=DEFAULT_THRESHOLD_LOW,",
+        (f"{ROUTERS_REF}::-k numpy_reference and conditional",),
+    ),
+    Mutant(
+        "confidence_ignores_min_experts",
+        "the confidence router always starts from 1 expert",
+        "min_experts=gating.min_experts or 1,\n            max_experts=gating.max_experts,\n            layer_depth_scale",
+        "min_experts=1,\n            max_experts=gating.max_experts,\n            layer_depth_scale",
+        (f"{ROUTERS_REF}::-k numpy_reference and confidence",),
+    ),
+    Mutant(
+        "hierarchical_without_group_probability",
+        "hierarchical p(e) = p(e | group), leaving out p(group)",
+        "probs = ops.reshape(ops.expand_dims(group_probs, -1) * within, (-1, self.num_experts))",
+        "probs = ops.reshape(within + 0 * ops.expand_dims(group_probs, -1), (-1, self.num_experts))",
+        ("tests/test_hierarchical.py::-k numpy_reference",),
+    ),
+    Mutant(
+        "difficulty_head_never_trained",
+        "the conditional router registers no difficulty loss, so its head never learns",
+        "if training and self.difficulty_loss_weight > 0:",
+        "if False:",
+        ("tests/test_routers_battery.py::-k layer_checks and conditional",),
+    ),
+    # ---------------------------------------------------------------- noise
+    Mutant(
+        "jitter_half_range",
+        "input jitter drawn from U(1 - j/2, 1 + j)",
+        "minval=1.0 - self.jitter_noise,",
+        "minval=1.0 - 0.5 * self.jitter_noise,",
+        (f"{DOCUMENTED}::-k jitter",),
+    ),
+    Mutant(
+        "jitter_in_eval",
+        "outside training the router input is scaled by 1 - j",
+        "if not training or self.jitter_noise == 0:\n            return inputs",
+        "if self.jitter_noise == 0:\n            return inputs\n"
+        "        if not training:\n            return inputs * (1.0 - self.jitter_noise)",
+        (f"{REF}::-k noise_only_in_training",),
+    ),
+    Mutant(
+        "noisy_top_k_without_softplus",
+        "noisy top-k scales the noise by x W_noise instead of softplus(x W_noise)",
+        "noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel)) * self.noise_std",
+        "noise_scale = ops.matmul(x, self.noise_kernel) * self.noise_std",
+        (f"{DOCUMENTED}::-k shazeer",),
+    ),
+    Mutant(
+        "noise_not_from_the_seed",
+        "router noise comes from a clock-seeded generator, not from the seed",
+        "self.seed_generator = keras.random.SeedGenerator(seed)",
+        'self.seed_generator = keras.random.SeedGenerator(seed if seed is not None else __import__("time").time_ns() % 2**31)',
+        (f"{DOCUMENTED}::-k same_seed",),
+    ),
+    # ------------------------------------------------------------- cosine/top-any
+    Mutant(
+        "cosine_default_temperature",
+        "the cosine router's default tau is 0.1",
+        "temperature=gating.temperature or 0.07,",
+        "temperature=gating.temperature or 0.1,",
+        (f"{DOCUMENTED}::-k cosine",),
+    ),
+    Mutant(
+        "cosine_scale_always_trainable",
+        "learnable_temperature=False still trains the cosine logit scale",
+        "initializer=keras.initializers.Constant(math.log(1.0 / self.temperature)),\n"
+        "            trainable=self.learnable_temperature,",
+        "initializer=keras.initializers.Constant(math.log(1.0 / self.temperature)),\n            trainable=True,",
+        (f"{DOCUMENTED}::-k cosine",),
+    ),
+    Mutant(
+        "top_any_without_straight_through",
+        "top-any uses the hard gate, so thresholds get no gradient",
+        "gate = hard + soft - ops.stop_gradient(soft)",
+        "gate = hard + 0 * soft",
+        (f"{DOCUMENTED}::-k straight_through",),
+    ),
+    # --------------------------------------------------------------- losses
+    Mutant(
+        "drop_z_loss",
+        "token-choice routing registers no z-loss",
+        "z_loss = router_z_loss(logits, token_mask)\n            self.add_loss(gating.z_loss_weight * z_loss)",
+        "z_loss = router_z_loss(logits, token_mask)",
+        (f"{REF}::-k losses_match_reference",),
+    ),
+    Mutant(
+        "soft_moe_drops_z_loss",
+        "Soft MoE registers no z-loss",
+        "self.add_loss(self.config.gating_config.z_loss_weight * z_loss)",
+        "pass",
+        (f"{DOCUMENTED}::-k soft_moe",),
+    ),
+    Mutant(
+        "importance_cv_not_squared",
+        "the importance loss is CV, not CV^2",
+        "return ops.mean(ops.square(values - mean)) / (ops.square(mean) + epsilon)",
+        "return ops.sqrt(ops.mean(ops.square(values - mean))) / (ops.abs(mean) + epsilon)",
+        ("tests/test_balancing.py::-k numpy",),
+    ),
+    Mutant(
+        "entropy_in_bits",
+        "the entropy loss is measured in bits instead of nats",
+        "entropy = -ops.sum(router_probs * ops.log(router_probs + epsilon), axis=-1)",
+        "entropy = -ops.sum(router_probs * ops.log(router_probs + epsilon), axis=-1) / 0.6931471805599453",
+        ("tests/test_balancing.py::-k numpy",),
+    ),
+    # ------------------------------------------------- precision, fast paths
+    Mutant(
+        "router_in_compute_dtype",
+        "the router runs in the layer's compute dtype (bfloat16 under mixed precision)",
+        '"dtype": config.routing_dtype,',
+        '"dtype": None,',
+        ("tests/test_precision.py::-k close_to_float32",),
+    ),
+    Mutant(
+        "slices_never_taken",
+        "eager PyTorch never takes the slice path",
+        "slices = torch_eager_slices_enabled() and not self.config.expert_parallel",
+        "slices = False",
+        ("tests/test_fast_paths.py::-k masked_tokens_and_idle_experts",),
+    ),
+    Mutant(
+        "slices_call_idle_experts",
+        "the slice path calls a bank for experts without rows too",
+        "        if count == 0:\n            continue\n        kwargs = dict(extra)",
+        "        kwargs = dict(extra)",
+        ("tests/test_fast_paths.py::-k once_per_expert",),
+    ),
+    Mutant(
+        "expert_parallel_no_constraint",
+        "expert_parallel=True leaves the [E, C, d] buffers unconstrained",
+        "return constrain_to_expert_axis(expert_inputs, stacked)",
+        "return expert_inputs",
+        ("tests/test_distribution.py::-k single_device",),
+        backend="jax",  # keras.distribution's SPMD sharding is JAX's
+    ),
+    # ------------------------------------------------------------ callbacks
+    Mutant(
+        "monitor_reads_every_batch",
+        "RoutingMonitor(update_freq=N) reads every batch instead of every N",
+        "if (batch + 1) % self.update_freq == 0:",
+        "if True:",
+        ("tests/test_callbacks.py::-k every_n",),
+    ),
+    Mutant(
+        "monitor_logs_wrong_statistic",
+        "RoutingMonitor logs the dropped fraction as the load CV",
+        '"load_cv": "load_cv",',
+        '"load_cv": "dropped_fraction",',
+        ("tests/test_callbacks.py::-k history_for_every",),
     ),
 ]
 
@@ -167,6 +418,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every mutant applies")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
     args = parser.parse_args(argv)
     mutants = MUTANTS
@@ -180,7 +432,18 @@ def main(argv=None):
         for mutant in mutants:
             print(f"{mutant.name}: {mutant.description}")
         return 0
-    backend = os.environ.get("KERAS_BACKEND", "jax")
+    if args.check:
+        stale = []
+        with tempfile.TemporaryDirectory(prefix="mutants_") as workdir:
+            copy_tree(workdir)
+            for mutant in mutants:
+                hits = find_snippet(os.path.join(workdir, PACKAGE), mutant.old)
+                if len(hits) != 1:
+                    stale.append(mutant.name)
+                    print(f"{mutant.name}: mutant no longer applies (snippet found {len(hits)} times)")
+        print(f"{len(mutants) - len(stale)}/{len(mutants)} mutants apply")
+        return 1 if stale else 0
+    backend = os.environ.get("KERAS_BACKEND", "torch")
     rows, all_caught = [], True
     for mutant in mutants:
         start = time.time()
@@ -190,17 +453,17 @@ def main(argv=None):
             if error:
                 caught, detail = False, error
             else:
-                caught, detail = run_tests(mutant, workdir, backend, sys.executable, args.timeout)
+                caught, detail = run_tests(mutant, workdir, mutant.backend or backend, sys.executable, args.timeout)
         all_caught &= caught
-        rows.append((mutant.name, detail if caught or error else "SURVIVED", time.time() - start))
-        print(f"{mutant.name}: {rows[-1][1]} ({rows[-1][2]:.0f}s)", file=sys.stderr, flush=True)
-    print(f"\nMutation check on {backend}:\n")
-    print("| mutant | caught by | s |")
-    print("|---|---|---|")
-    for name, detail, seconds in rows:
-        print(f"| {name} | {detail} | {seconds:.0f} |")
-    print(f"\n{sum(d != 'SURVIVED' and not d.startswith('mutant no longer') for _, d, _ in rows)}"
-          f"/{len(rows)} mutants caught")
+        rows.append((mutant.name, mutant.backend or backend, detail,
+                     time.time() - start))
+        print(f"{mutant.name}: {rows[-1][2]} ({rows[-1][3]:.0f}s)", file=sys.stderr, flush=True)
+    print("\n| mutant | backend | caught by | s |")
+    print("|---|---|---|---|")
+    for name, used_backend, detail, seconds in rows:
+        print(f"| {name} | {used_backend} | {detail} | {seconds:.0f} |")
+    caught_count = sum(d != "SURVIVED" and not d.startswith("mutant no longer") for _, _, d, _ in rows)
+    print(f"\n{caught_count}/{len(rows)} mutants caught")
     return 0 if all_caught else 1
 
 
