@@ -88,10 +88,15 @@ def test_dispatch_and_combine_round_trip_with_feature_axes():
     weights = np.random.default_rng(3).uniform(0.1, 2.0, size=(12, 2)).astype("float32")
     out = numpy_of(dispatch.combine(buffers, plan, ops.convert_to_tensor(weights)))
     np.testing.assert_allclose(out, weights.sum(-1)[:, None, None] * tokens, rtol=1e-6, atol=1e-6)
-    # One slot's weight alone: only that slot's copy of the token comes back.
-    first = weights * np.array([1.0, 0.0], "float32")
-    out = numpy_of(dispatch.combine(buffers, plan, ops.convert_to_tensor(first)))
-    np.testing.assert_allclose(out, weights[:, :1, None] * tokens, rtol=1e-6, atol=1e-6)
+    # Experts that tell themselves apart: in capacity mode group e is expert e; expert e
+    # scales its rows by e + 1, so out[t] = sum_j w[t, j] * (e_tj + 1) * x[t], which a
+    # combine that gave slot j another slot's weight or output would not return.
+    plan = dispatch.plan_capacity_dispatch(ops.convert_to_tensor(indices), ops.convert_to_tensor(active), 3, 16)
+    buffers = numpy_of(dispatch.dispatch(ops.convert_to_tensor(tokens), plan))  # [3, 16, 2, 3]
+    scaled = buffers * np.arange(1, 4, dtype="float32")[:, None, None, None]
+    out = numpy_of(dispatch.combine(ops.convert_to_tensor(scaled), plan, ops.convert_to_tensor(weights)))
+    factor = (weights * (indices + 1)).sum(-1)
+    np.testing.assert_allclose(out, factor[:, None, None] * tokens, rtol=1e-6, atol=1e-6)
 
 
 def test_expert_capacity_rounds_up_to_multiple_of_eight():
