@@ -395,22 +395,73 @@ def pytest_commands(tests):
     return commands
 
 
-def run_tests(mutant, workdir, backend, python, timeout):
+def preload(backend):
+    """Imports the heavy, unmutated modules once, so forked runs start without them."""
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import hypothesis  # noqa: F401
+    import keras  # noqa: F401
+    import numpy  # noqa: F401
+    import pytest  # noqa: F401
+
+
+def run_pytest_forked(arguments, workdir, timeout):
+    """pytest in a forked child of this (preloaded) process; returns `(exit code, output)`.
+
+    The child imports the package from `workdir`: the parent never imports it.
+    """
+    output_path = os.path.join(workdir, "pytest_output.txt")
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            os.chdir(workdir)
+            sys.path.insert(0, workdir)
+            os.environ["PYTHONPATH"] = workdir  # for the tests' own subprocesses
+            with open(output_path, "w") as output:
+                os.dup2(output.fileno(), 1)
+                os.dup2(output.fileno(), 2)
+                import pytest
+
+                code = pytest.main(arguments)
+        finally:
+            os._exit(int(code))
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None, ""
+        time.sleep(0.5)
+    with open(output_path) as output:
+        return os.waitstatus_to_exitcode(status), output.read()
+
+
+def run_tests(mutant, workdir, backend, python, timeout, forked=False):
     """Runs the mutant's tests; returns `(caught, detail)`."""
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=workdir, TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     for arguments in pytest_commands(mutant.tests):
         command = [python, "-m", "pytest", "-x", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
                    "--no-header", "-rf"] + arguments
-        try:
-            result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if forked:
+            returncode, stdout = run_pytest_forked(command[3:], workdir, timeout)
+        else:
+            try:
+                result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+                returncode, stdout = result.returncode, result.stdout
+            except subprocess.TimeoutExpired:
+                returncode, stdout = None, ""
+        if returncode is None:
             return True, f"timed out after {timeout}s ({' '.join(arguments)})"
-        if result.returncode == 5:
+        if returncode == 5:
             return False, f"no test selected by {' '.join(arguments)}"
-        if result.returncode != 0:
-            failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.MULTILINE)
-            return True, failed[0] if failed else f"pytest exit {result.returncode}: {result.stdout[-300:]}"
+        if returncode != 0:
+            failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", stdout, flags=re.MULTILINE)
+            return True, failed[0] if failed else f"pytest exit {returncode}: {stdout[-300:]}"
     return False, "SURVIVED"
 
 
@@ -420,6 +471,8 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per pytest run")
+    parser.add_argument("--no-fork", action="store_true",
+                        help="one fresh interpreter per run (default: fork a process that imported keras once)")
     args = parser.parse_args(argv)
     mutants = MUTANTS
     if args.only:
@@ -444,6 +497,9 @@ def main(argv=None):
         print(f"{len(mutants) - len(stale)}/{len(mutants)} mutants apply")
         return 1 if stale else 0
     backend = os.environ.get("KERAS_BACKEND", "torch")
+    forked = hasattr(os, "fork") and not args.no_fork
+    if forked:
+        preload(backend)
     rows, all_caught = [], True
     for mutant in mutants:
         start = time.time()
@@ -453,7 +509,10 @@ def main(argv=None):
             if error:
                 caught, detail = False, error
             else:
-                caught, detail = run_tests(mutant, workdir, mutant.backend or backend, sys.executable, args.timeout)
+                own_backend = mutant.backend or backend
+                caught, detail = run_tests(
+                    mutant, workdir, own_backend, sys.executable, args.timeout, forked and own_backend == backend
+                )
         all_caught &= caught
         rows.append((mutant.name, mutant.backend or backend, detail,
                      time.time() - start))
