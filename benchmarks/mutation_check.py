@@ -121,12 +121,12 @@ MUTANTS = [
     Mutant(
         "residual_cut_to_output_width",
         "a fully dropped token with output_dim != d outputs its input cut to the output width",
-        "if self.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(tokens.shape[1:]):\n"
-        "            rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
-        "            outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))",
-        "if self.config.use_residual_connection:\n"
-        "            rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
-        "            outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))[..., : outputs.shape[-1]]",
+        "layer.config.use_residual_connection and tuple(outputs.shape[1:]) == tuple(\n        tokens.shape[1:]\n    ):\n"
+        "        rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
+        "        outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))",
+        "layer.config.use_residual_connection:\n"
+        "        rows = ops.reshape(unrouted, (-1,) + (1,) * (len(tokens.shape) - 1))\n"
+        "        outputs = outputs + ops.where(rows, tokens, ops.zeros_like(tokens))[..., : outputs.shape[-1]]",
         (f"{DOCUMENTED}::-k fully_dropped",),
     ),
     Mutant(
@@ -139,8 +139,8 @@ MUTANTS = [
     Mutant(
         "layer_ignores_gating_capacity_factor",
         "the layer sizes buffers from train/eval_capacity_factor, ignoring GatingConfig.capacity_factor",
-        "capacity_factor = self.config.capacity_factor(bool(training))",
-        "capacity_factor = self.config.train_capacity_factor if training else self.config.eval_capacity_factor",
+        "capacity_factor = config.capacity_factor(bool(training))",
+        "capacity_factor = config.train_capacity_factor if training else config.eval_capacity_factor",
         (f"{REF}::-k overrides_both_phases",),
     ),
     # -------------------------------------------------------------- routing
@@ -273,15 +273,15 @@ MUTANTS = [
     # --------------------------------------------------------------- losses
     Mutant(
         "drop_z_loss",
-        "token-choice routing registers no z-loss",
-        "z_loss = router_z_loss(logits, token_mask)\n            self.add_loss(gating.z_loss_weight * z_loss)",
-        "z_loss = router_z_loss(logits, token_mask)",
+        "no router registers its z-loss",
+        '_register_loss(layer, "z", gating.z_loss_weight, lambda: router_z_loss(logits, token_mask))',
+        "pass",
         (f"{REF}::-k losses_match_reference",),
     ),
     Mutant(
         "soft_moe_drops_z_loss",
         "Soft MoE registers no z-loss",
-        "self.add_loss(self.config.gating_config.z_loss_weight * z_loss)",
+        'statistics.add_training_losses(layer, {"gate_logits": logits}, token_mask)',
         "pass",
         (f"{DOCUMENTED}::-k soft_moe",),
     ),
@@ -310,7 +310,7 @@ MUTANTS = [
     Mutant(
         "slices_never_taken",
         "eager PyTorch never takes the slice path",
-        "slices = torch_eager_slices_enabled() and not self.config.expert_parallel",
+        "slices = torch_eager_slices_enabled() and not config.expert_parallel",
         "slices = False",
         ("tests/test_fast_paths.py::-k masked_tokens_and_idle_experts",),
     ),
