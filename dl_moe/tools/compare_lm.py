@@ -106,7 +106,8 @@ CAUSALITY_NOTE = (
 FULL = {
     "sequence_length": 128, "width": 128, "num_layers": 2, "num_heads": 4, "expert_width": 256,
     "num_experts": 8, "top_k": 2, "batch_size": 32, "steps": 400, "eval_every": 50, "eval_batches": 8,
-    "learning_rate": 2e-3, "warmup_steps": 40, "seeds": 3, "max_files_per_split": None, "jit_compile": "auto",
+    "learning_rate": 2e-3, "warmup_steps": 40, "seeds": 3, "max_files_per_split": None,
+    "jit_compile": "auto", "run_eagerly": False,  # model.compile's arguments
 }
 QUICK = {
     **FULL, "sequence_length": 64, "width": 64, "expert_width": 128, "batch_size": 16, "steps": 200,
@@ -232,6 +233,7 @@ def _compile(model, setup):
         optimizer=keras.optimizers.Adam(schedule, global_clipnorm=1.0),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=setup["jit_compile"],
+        run_eagerly=setup["run_eagerly"],
     )
     model.optimizer.build(model.trainable_variables)
 
@@ -271,6 +273,10 @@ def run_variant(name, seeds, setup, splits, on_run=None):
     for seed in seeds:
         keras.utils.set_random_seed(seed)
         model.set_weights(build_variant(name, setup).get_weights())
+        # Back to the seed the functions were compiled under: TensorFlow keys its traced
+        # functions on the global seed and would retrace them (seconds each) for every
+        # seed. Training draws no random numbers, so this changes no result.
+        keras.utils.set_random_seed(seeds[0])
         for variable, value in zip(model.optimizer.variables, optimizer_start):
             variable.assign(value)
         train, validation, test = make_datasets(splits, setup, seed)
@@ -300,7 +306,7 @@ def run_variant(name, seeds, setup, splits, on_run=None):
             "train_dropped": _routing_summary(train_counters[-1])["dropped"],
             "parameters": parameter_count(model), "train_seconds": train_seconds,
             "compile_seconds": compile_seconds, "train_flops": train_flops,
-            "curve": curve, "val_counters": val_counters,
+            "curve": curve, "val_counters": val_counters, "train_counters": train_counters,
         }
         runs.append(run)
         if on_run is not None:
@@ -379,7 +385,7 @@ def write_outputs(runs, rows, output_dir, settings):
         "plot_steps": os.path.join(output_dir, "lm_bpb_vs_steps.png"),
         "plot_flops": os.path.join(output_dir, "lm_bpb_vs_flops.png"),
     }
-    flat_runs = [{k: v for k, v in run.items() if k not in ("curve", "val_counters")} for run in runs]
+    flat_runs = [{k: v for k, v in run.items() if k not in ("curve", "val_counters", "train_counters")} for run in runs]
     for path, table in ((paths["summary_csv"], rows), (paths["runs_csv"], flat_runs)):
         with open(path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))
