@@ -31,16 +31,29 @@ def _parser():
     demo.add_argument("--seed", type=int, default=0)
 
     compare = commands.add_parser(
-        "compare", help="train the demo model with several routers over several seeds and compare them"
+        "compare", help="train the demo model (or, with --task lm, a byte-level language model) with several "
+        "routers over several seeds and compare them"
     )
-    compare.add_argument("--quick", action="store_true", help="fewer epochs and seeds (a few minutes on 2 cores)")
+    compare.add_argument(
+        "--task", choices=("digits", "lm"), default="digits",
+        help="digits: the demo classifier (default); lm: byte-level language model on the Python stdlib, "
+        "dense vs MoE at matched FLOPs and parameters",
+    )
+    compare.add_argument(
+        "--quick", action="store_true",
+        help="a smaller run (digits: 10 epochs, 3 seeds; lm: d=64, context 64, 200 steps; minutes on 2 cores)",
+    )
     compare.add_argument(
         "--routers", default=None,
-        help="comma-separated routers (default: all): top1,top2,top_p,conditional,expert_choice,soft_moe,"
-        "top_any,aux_free_top2",
+        help="comma-separated routers (default: all). digits: top1,top2,top_p,conditional,expert_choice,soft_moe,"
+        "top_any,aux_free_top2; lm: dense_flop,dense_param,top1,top2,top_p,aux_free_top2,top2_cf1.0,top2_dropless",
     )
-    compare.add_argument("--seeds", type=int, default=None, help="seeds per router (default 5, --quick 3)")
-    compare.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20, --quick 10)")
+    compare.add_argument("--seeds", type=int, default=None, help="seeds per router (default 5, --quick 3; lm: 3)")
+    compare.add_argument("--epochs", type=int, default=None, help="digits only: epochs per run (default 20, --quick 10)")
+    compare.add_argument("--steps", type=int, default=None, help="lm only: training steps per run (default 400, --quick 200)")
+    compare.add_argument(
+        "--batch-size", type=int, default=None, help="lm only: windows per training batch (default 32, --quick 16)"
+    )
     compare.add_argument("--output-dir", default="outputs")
 
     commands.add_parser(
@@ -128,8 +141,25 @@ def _run(argv):
 
         summary = run_demo(epochs=args.epochs, output_dir=args.output_dir, seed=args.seed)
         return 0 if summary["reload_agrees"] else 1
+    if args.command == "compare" and args.task == "lm":
+        _require_positive(args, "steps", "seeds", "batch_size")
+        if args.epochs is not None:
+            raise UsageError("--epochs is for --task digits; --task lm counts --steps")
+        from dl_moe.tools.compare_lm import parse_variants, run_lm_compare
+
+        try:
+            variants = None if args.routers is None else parse_variants(args.routers)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        run_lm_compare(
+            routers=variants, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+            output_dir=args.output_dir, quick=args.quick,
+        )
+        return 0
     if args.command == "compare":
         _require_positive(args, "epochs", "seeds")
+        if args.steps is not None or args.batch_size is not None:
+            raise UsageError("--steps and --batch-size are for --task lm")
         from dl_moe.tools.compare import parse_routers, run_compare
 
         try:
