@@ -1,0 +1,510 @@
+"""Sparse `dl_moe` MoE blocks inside keras-hub's MoE language models.
+
+keras-hub's MoE decoders run every expert on every token (an einsum over `[E, T, ...]`
+and a mostly-zero `[E, T]` routing mask). `sparsify(model)` swaps each of those blocks
+for an adapter layer with the same call signature and return value that computes the
+block with a `dl_moe.MixtureOfExperts` holding the same weights: only the routed
+(token, expert) pairs are computed.
+
+```python
+import keras_hub
+from dl_moe.integrations.keras_hub import sparsify, unsparsify
+
+causal_lm = keras_hub.models.MixtralCausalLM(backbone=backbone)
+sparsify(causal_lm)                      # in place, dropless: the same outputs
+causal_lm.generate(...)                  # cached decoding routes only the new tokens
+causal_lm.save("model.keras")            # loads back after `import dl_moe.integrations.keras_hub`
+stock = unsparsify(causal_lm)            # a stock keras-hub model with the trained weights
+```
+
+How it fits in:
+
+* Blocks are found by their type (e.g. `MixtralSparseMoeBlock`), wherever they sit in
+  the backbone; the decoder attribute holding each is rebound to its adapter. The
+  adapter subclasses the stock block's class, so decoders that test
+  `isinstance(self.mlp, ...)` keep passing it their masks.
+* The backbone's class becomes a registered subclass (`dl_moe>SparseMixtralBackbone`, ...)
+  whose config stores the overrides; building it from its config (`.keras` loading,
+  `from_config`) builds the stock backbone and swaps its blocks again, so saved models
+  load in safe mode and keep their sparse blocks.
+* In training, each adapter adds the balancing loss keras-hub's block adds, with the
+  model's own coefficient (`aux_loss_weight`), over the same tokens; dl_moe's router
+  z-loss is off unless an override turns it on.
+
+Supported families (keras-hub 0.32): Mixtral and Qwen3-MoE.
+"""
+
+import keras
+from keras import ops
+
+from dl_moe.config import GatingConfig, MoEConfig
+from dl_moe.layer import MixtureOfExperts
+
+try:
+    from keras_hub.src.models.backbone import Backbone
+    from keras_hub.src.models.causal_lm import CausalLM
+    from keras_hub.src.models.mixtral.mixtral_backbone import MixtralBackbone
+    from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
+    from keras_hub.src.models.qwen3_moe.qwen3_moe_backbone import Qwen3MoeBackbone
+    from keras_hub.src.models.qwen3_moe.qwen3_moe_decoder import Qwen3SparseMoeBlock
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "dl_moe.integrations.keras_hub needs keras-hub (pip install 'dl_moe[keras-hub]')."
+    ) from error
+
+__all__ = ["sparsify", "unsparsify", "moe_layers", "is_sparsified", "expert_parallel_layout_map"]
+
+# Fields that describe the stock block's weights and routing rule; the block decides them.
+_FIXED_FIELDS = (
+    "num_experts",
+    "expert_config",
+    "gating_config",
+    "gating_type",
+    "top_k",
+    "normalize_top_k",
+    "num_shared_experts",
+    "shared_expert_intermediate_size",
+    "shared_expert_gate",
+    "use_router_bias",
+    "router_norm_epsilon",
+    "hierarchical_routing",
+)
+_MOE_FIELDS = tuple(f for f in MoEConfig._field_names() if f not in ("expert_config", "gating_config"))
+_GATING_FIELDS = tuple(GatingConfig._field_names())
+
+
+def _validated_overrides(overrides):
+    """Checks `sparsify` overrides: MoEConfig/GatingConfig fields the block does not fix."""
+    allowed = sorted(set(_MOE_FIELDS + _GATING_FIELDS) - set(_FIXED_FIELDS))
+    for key in overrides:
+        if key in _FIXED_FIELDS:
+            raise ValueError(
+                f"sparsify cannot override {key!r}: the keras-hub block fixes it (its weights and "
+                f"routing rule). Fields you can override: {allowed}."
+            )
+        if key not in allowed:
+            raise ValueError(f"Unknown sparsify override {key!r}. Fields you can override: {allowed}.")
+    return dict(overrides)
+
+
+def _moe_config(num_experts, hidden_dim, intermediate_size, top_k, normalize_top_k, aux_loss_weight, overrides,
+                jitter_noise=0.0):
+    """The MoEConfig of a keras-hub block: dropless, SwiGLU, no residual, no z-loss."""
+    moe = {"drop_tokens": False, "use_residual_connection": False, "jitter_noise": jitter_noise}
+    gating = {
+        "gating_type": "linear",
+        "top_k": top_k,
+        "normalize_top_k": normalize_top_k,
+        "aux_loss_weight": aux_loss_weight,
+        "z_loss_weight": 0.0,
+    }
+    for key, value in overrides.items():
+        (gating if key in _GATING_FIELDS else moe)[key] = value
+    return MoEConfig(
+        num_experts=num_experts,
+        expert_config={
+            "hidden_dim": hidden_dim,
+            "intermediate_size": intermediate_size,
+            "ffn_type": "swiglu",
+            "use_bias": False,
+        },
+        gating_config=gating,
+        **moe,
+    )
+
+
+class KerasHubMoEBlock(keras.layers.Layer):
+    """Base of the adapters: one keras-hub sparse-MoE block computed by `MixtureOfExperts`.
+
+    A subclass also derives from the stock block's class (so `isinstance` checks in the
+    decoders still hold) but shares none of its state: it defines `call`, the
+    config mapping (`from_stock_block`) and the weight mapping (`load_stock_weights`,
+    `write_stock_weights`).
+
+    Args:
+        moe_config: `MoEConfig` or its dict.
+        hidden_dim: d.
+        moe_name: Name of the inner `MixtureOfExperts` (RoutingMonitor's log prefix).
+        return_router_logits: Whether `call` also computes the router logits
+            `[T, E]` (the decoder asked for them); otherwise None takes their place.
+    """
+
+    stock_block_class = None  # the keras-hub class this adapter replaces
+
+    def __init__(self, moe_config, hidden_dim, moe_name=None, return_router_logits=False, **kwargs):
+        # Not the stock block's __init__: it would demand its constructor arguments.
+        keras.layers.Layer.__init__(self, **kwargs)
+        self.moe_config = MoEConfig.from_dict(moe_config)
+        self.hidden_dim = hidden_dim
+        self.moe_name = moe_name
+        self.return_router_logits = return_router_logits
+        self.moe = MixtureOfExperts(self.moe_config, dtype=self.dtype_policy, name=moe_name)
+
+    def build(self, input_shape=None):
+        self.moe.build((None, self.hidden_dim))
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def _sparse_moe(self, hidden_states, token_mask, training):
+        """`[B, S, d]` → `([B, S, d]` MoE output, router logits `[B*S, E]` or None)."""
+        shape = ops.shape(hidden_states)
+        tokens = ops.reshape(hidden_states, (-1, self.hidden_dim))  # [T, d]
+        if token_mask is not None:
+            token_mask = ops.reshape(ops.cast(token_mask, "bool"), (-1,))  # [T]
+        outputs = self.moe(tokens, mask=token_mask, training=training)
+        logits = self.router_logits(tokens) if self.return_router_logits else None
+        return ops.reshape(outputs, shape), logits
+
+    def router_logits(self, tokens):
+        """Router logits `[T, E]` of tokens `[T, d]` (what the stock block returns)."""
+        return self.moe.gating_network.compute_gate_logits(ops.cast(tokens, "float32"))
+
+    # Weight mapping: each subclass names the stock tensors of its family.
+    def load_stock_weights(self, block):
+        """Copies the weights of a stock block (built) into this adapter (built)."""
+        raise NotImplementedError
+
+    def write_stock_weights(self, block):
+        """Copies this adapter's weights into a stock block (built)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        """An (unbuilt) adapter computing `block` with `overrides` (validated)."""
+        raise NotImplementedError
+
+    def get_config(self):
+        config = keras.layers.Layer.get_config(self)
+        config.update(
+            {
+                "moe_config": self.moe_config.to_dict(),
+                "hidden_dim": self.hidden_dim,
+                "moe_name": self.moe_name,
+                "return_router_logits": self.return_router_logits,
+            }
+        )
+        return config
+
+
+def _assign_swiglu(adapter, router_kernel, gate_kernel, up_kernel, down_kernel):
+    adapter.moe.gating_network.router_kernel.assign(router_kernel)
+    bank = adapter.moe.experts
+    bank.gate_kernel.assign(gate_kernel)
+    bank.up_kernel.assign(up_kernel)
+    bank.down_kernel.assign(down_kernel)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
+    """`MixtralSparseMoeBlock` computed sparsely.
+
+    Weights: router `[d, E]` → `router_kernel`; experts' gate / intermediate `[E, d, h]`
+    → `gate_kernel` / `up_kernel`; output `[E, h, d]` → `down_kernel`. Top-k weights are
+    renormalised (Mixtral's rule). The balancing loss uses the decoder's padding mask.
+    """
+
+    stock_block_class = MixtralSparseMoeBlock
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.intermediate_dim,
+            block.top_k,
+            normalize_top_k=True,
+            aux_loss_weight=block.router_aux_loss_coef,
+            overrides=overrides,
+            jitter_noise=block.router_jitter_noise,
+        )
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
+                   dtype=block.dtype_policy, name=name)
+
+    def call(self, hidden_states, attention_mask=None, training=False):
+        # attention_mask: the decoder's padding mask [B, S] (None in cached decoding).
+        return self._sparse_moe(hidden_states, attention_mask, training)
+
+    def load_stock_weights(self, block):
+        bank = block.expert_bank
+        _assign_swiglu(
+            self,
+            block._sparse_feedforward_gate_dense.kernel,
+            bank._expert_feedforward_gate_dense,
+            bank._expert_feedforward_intermediate_dense,
+            bank._expert_feedforward_output_dense,
+        )
+
+    def write_stock_weights(self, block):
+        bank = self.moe.experts
+        block._sparse_feedforward_gate_dense.kernel.assign(self.moe.gating_network.router_kernel)
+        block.expert_bank._expert_feedforward_gate_dense.assign(bank.gate_kernel)
+        block.expert_bank._expert_feedforward_intermediate_dense.assign(bank.up_kernel)
+        block.expert_bank._expert_feedforward_output_dense.assign(bank.down_kernel)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
+    """`Qwen3SparseMoeBlock` computed sparsely.
+
+    Weights: router `[d, E]` → `router_kernel`; the fused gate/up tensor `[E, d, 2h]`
+    (gate in the first h columns, up in the last h) → `gate_kernel` / `up_kernel`;
+    output `[E, h, d]` → `down_kernel`. Renormalisation follows `norm_top_k_prob`.
+
+    The decoder passes its self-attention mask `[B, S, S_kv]`; like keras-hub's loss,
+    a token counts when its row attends to at least one position (`any` over the
+    last axis).
+    """
+
+    stock_block_class = Qwen3SparseMoeBlock
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.intermediate_dim,
+            block.top_k,
+            normalize_top_k=bool(block.norm_top_k_prob),
+            aux_loss_weight=block.router_aux_loss_coefficient,
+            overrides=overrides,
+        )
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
+                   dtype=block.dtype_policy, name=name)
+
+    def call(self, hidden_states, attention_mask=None, training=None):
+        token_mask = None if attention_mask is None else ops.any(ops.cast(attention_mask, "bool"), axis=-1)
+        return self._sparse_moe(hidden_states, token_mask, training)
+
+    def load_stock_weights(self, block):
+        bank = block.expert_bank
+        gate_up = bank._expert_feedforward_gate_dense  # [E, d, 2h]
+        h = block.intermediate_dim
+        _assign_swiglu(
+            self,
+            block._sparse_feedforward_gate_dense.kernel,
+            gate_up[:, :, :h],
+            gate_up[:, :, h:],
+            bank._expert_feedforward_output_dense,
+        )
+
+    def write_stock_weights(self, block):
+        bank = self.moe.experts
+        block._sparse_feedforward_gate_dense.kernel.assign(self.moe.gating_network.router_kernel)
+        block.expert_bank._expert_feedforward_gate_dense.assign(
+            ops.concatenate([bank.gate_kernel, bank.up_kernel], axis=-1)
+        )
+        block.expert_bank._expert_feedforward_output_dense.assign(bank.down_kernel)
+
+
+# Stock backbone class → adapter class of its MoE blocks.
+_FAMILIES = {
+    MixtralBackbone: MixtralMoEBlock,
+    Qwen3MoeBackbone: Qwen3MoEBlock,
+}
+_ADAPTER_OF_BLOCK = {adapter.stock_block_class: adapter for adapter in _FAMILIES.values()}
+
+
+# ---------------------------------------------------------------- block search/swap
+
+
+def _find_blocks(backbone, block_classes):
+    """`[(parent_layer, attribute, block)]` for every block of the given types, by type."""
+    found = []
+    for layer in backbone._flatten_layers(include_self=False, recursive=True):
+        for attribute, value in sorted(vars(layer).items()):
+            if type(value) in block_classes:
+                found.append((layer, attribute, value))
+    return found
+
+
+def _rebind_sublayer(parent, attribute, new_layer):
+    """Rebinds `parent.<attribute>` to `new_layer`, replacing the old one in Keras's tracking."""
+    old_layer = getattr(parent, attribute)
+    parent._tracker.replace_tracked_value("layers", old_layer, new_layer)
+    object.__setattr__(parent, attribute, new_layer)
+
+
+def _swap_blocks(backbone, overrides, copy_weights):
+    """Replaces every stock MoE block of `backbone` with its adapter (built)."""
+    adapter_cls = _FAMILIES[_stock_backbone_class(type(backbone))]
+    found = _find_blocks(backbone, (adapter_cls.stock_block_class,))
+    for parent, attribute, block in found:
+        wants_logits = bool(getattr(parent, "output_router_logits", False))
+        adapter = adapter_cls.from_stock_block(
+            block, overrides, name=f"{parent.name}_moe_block", moe_name=f"{parent.name}_moe",
+            return_router_logits=wants_logits,
+        )
+        with keras.name_scope(parent.name):  # weights under the decoder's path, like the stock block's
+            adapter.build()
+        if copy_weights:
+            adapter.load_stock_weights(block)
+        _rebind_sublayer(parent, attribute, adapter)
+    return len(found)
+
+
+# ------------------------------------------------------------ sparse backbone classes
+
+
+def _stock_backbone_class(cls):
+    for stock_cls in cls.__mro__:
+        if stock_cls in _FAMILIES:
+            return stock_cls
+    raise ValueError(
+        f"{cls.__name__} is not a backbone of a supported keras-hub MoE family; supported: "
+        f"{sorted(c.__name__ for c in _FAMILIES)}."
+    )
+
+
+def _make_sparse_backbone_class(stock_cls):
+    def __init__(self, *args, dl_moe_overrides=None, **kwargs):
+        stock_cls.__init__(self, *args, **kwargs)
+        self._dl_moe_overrides = _validated_overrides(dl_moe_overrides or {})
+        _swap_blocks(self, self._dl_moe_overrides, copy_weights=False)
+
+    def get_config(self):
+        config = stock_cls.get_config(self)
+        config["dl_moe_overrides"] = dict(self._dl_moe_overrides)
+        return config
+
+    name = f"Sparse{stock_cls.__name__}"
+    cls = type(
+        name,
+        (stock_cls,),
+        {
+            "__init__": __init__,
+            "get_config": get_config,
+            "__module__": __name__,
+            "__doc__": f"`{stock_cls.__name__}` whose MoE blocks are `dl_moe` layers (built by `sparsify`).",
+        },
+    )
+    return keras.saving.register_keras_serializable(package="dl_moe", name=name)(cls)
+
+
+_SPARSE_BACKBONES = {stock_cls: _make_sparse_backbone_class(stock_cls) for stock_cls in _FAMILIES}
+_STOCK_BACKBONES = {sparse: stock for stock, sparse in _SPARSE_BACKBONES.items()}
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def _backbone_of(model):
+    if isinstance(model, CausalLM):
+        return model.backbone
+    if isinstance(model, Backbone):
+        return model
+    raise ValueError(f"Expected a keras-hub Backbone or CausalLM, got {type(model).__name__}.")
+
+
+def is_sparsified(model):
+    """Whether `model` (Backbone or CausalLM) was sparsified."""
+    return type(_backbone_of(model)) in _STOCK_BACKBONES
+
+
+def sparsify(model, **overrides):
+    """Makes every MoE block of a keras-hub MoE model a sparse `dl_moe` layer, in place.
+
+    Args:
+        model: A keras-hub `Backbone` or `CausalLM` of a supported family, built
+            (every keras-hub backbone is). Compile it after this call: a compiled
+            optimizer would still refer to the replaced weights.
+        **overrides: `MoEConfig` / `GatingConfig` fields for every block, e.g.
+            `drop_tokens=True, train_capacity_factor=1.25` (capacity mode),
+            `expert_parallel=True`, `aux_loss_weight=0.01`, `z_loss_weight=1e-3`,
+            `balancing="aux_free"`. The default is dropless with the model's own
+            balancing coefficient: the outputs equal the stock model's. Fields the
+            block's weights fix (`num_experts`, `top_k`, `normalize_top_k`, ...) raise
+            a `ValueError`.
+
+    Returns:
+        `model` itself, its backbone now of class `Sparse<Backbone>` (registered, so a
+        `.keras` file of it loads once this module is imported).
+
+    Raises:
+        ValueError: For a model of another family, an already sparsified model, a
+            model without MoE blocks or an invalid override.
+    """
+    backbone = _backbone_of(model)
+    if type(backbone) in _STOCK_BACKBONES:
+        raise ValueError(f"{backbone.name} is already sparsified; call unsparsify(model) first.")
+    stock_cls = _stock_backbone_class(type(backbone))
+    if type(backbone) is not stock_cls:
+        raise ValueError(
+            f"sparsify supports the keras-hub classes themselves; got a subclass {type(backbone).__name__} "
+            f"of {stock_cls.__name__}."
+        )
+    overrides = _validated_overrides(overrides)
+    if not _find_blocks(backbone, (_FAMILIES[stock_cls].stock_block_class,)):
+        raise ValueError(f"{backbone.name} has no {_FAMILIES[stock_cls].stock_block_class.__name__} layers.")
+    _swap_blocks(backbone, overrides, copy_weights=True)
+    backbone._dl_moe_overrides = overrides
+    backbone.__class__ = _SPARSE_BACKBONES[stock_cls]
+    _forget_compiled_functions(model)
+    return model
+
+
+def _forget_compiled_functions(model):
+    """Drops traced train/predict/generate functions that still call the stock blocks."""
+    for attribute in ("train_function", "test_function", "predict_function", "generate_function"):
+        if getattr(model, attribute, None) is not None:
+            setattr(model, attribute, None)
+
+
+def unsparsify(model):
+    """A stock keras-hub model (new object) holding the weights of a sparsified one.
+
+    The result is what `sparsify` was given, with the current (e.g. trained) weights:
+    `save_to_preset` writes a preset that stock keras-hub loads.
+
+    Args:
+        model: A sparsified `Backbone` or `CausalLM`.
+
+    Returns:
+        A stock `Backbone`, or a `CausalLM` of the same class around a stock backbone
+        (with the same preprocessor).
+    """
+    backbone = _backbone_of(model)
+    if type(backbone) not in _STOCK_BACKBONES:
+        raise ValueError(f"{backbone.name} is not sparsified (its class is {type(backbone).__name__}).")
+    stock_cls = _STOCK_BACKBONES[type(backbone)]
+    config = backbone.get_config()
+    config.pop("dl_moe_overrides")
+    stock = stock_cls.from_config(config)
+
+    adapter_cls = _FAMILIES[stock_cls]
+    adapters = _find_blocks(backbone, (adapter_cls,))
+    blocks = _find_blocks(stock, (adapter_cls.stock_block_class,))
+    moe_ids = {id(v) for _, _, layer in adapters + blocks for v in layer.weights}
+    others = [v for v in backbone.weights if id(v) not in moe_ids]
+    stock_others = [v for v in stock.weights if id(v) not in moe_ids]
+    if len(others) != len(stock_others):
+        raise ValueError(f"Weights do not line up: {len(others)} sparse vs {len(stock_others)} stock.")
+    for source, target in zip(others, stock_others):
+        if tuple(source.shape) != tuple(target.shape):
+            raise ValueError(f"Weights do not line up: {source.path} {source.shape} vs {target.path} {target.shape}.")
+        target.assign(source)
+    for (_, _, adapter), (_, _, block) in zip(adapters, blocks):
+        adapter.write_stock_weights(block)
+    if isinstance(model, CausalLM):
+        return type(model)(backbone=stock, preprocessor=model.preprocessor)
+    return stock
+
+
+def moe_layers(model):
+    """The `MixtureOfExperts` layer of every sparsified block, in model order."""
+    backbone = _backbone_of(model)
+    return [adapter.moe for _, _, adapter in _find_blocks(backbone, tuple(_FAMILIES.values()))]
+
+
+def expert_parallel_layout_map(device_mesh, expert_axis="expert", model_axis=None):
+    """Layout map sharding a sparsified model's expert weights along `expert_axis`.
+
+    Set it (`keras.distribution.ModelParallel(layout_map=...)`) before building the
+    stock model and calling `sparsify(model, expert_parallel=True)`: the expert
+    weights the adapters create are then laid out on the mesh. Everything else
+    (attention, embeddings, routers) is replicated. See `dl_moe.distribution`.
+    """
+    from dl_moe.distribution import expert_parallel_layout_map as layout_map
+
+    return layout_map(device_mesh, expert_axis=expert_axis, model_axis=model_axis)

@@ -1,0 +1,205 @@
+"""`dl_moe.integrations.keras_hub`: sparsified keras-hub MoE models against the stock ones.
+
+Each family gets one tiny random CausalLM built from constructor arguments (no presets,
+no downloads) and a second one with the same weights that is sparsified; the tests
+compare the two. Real tokens are compared everywhere; padded positions are not, since
+the sparse blocks output zeros for them (a stock block computes them, and attention
+never reads them).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+keras_hub = pytest.importorskip("keras_hub")
+
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+from dl_moe.callbacks import RoutingMonitor  # noqa: E402
+from dl_moe.integrations import keras_hub as integration  # noqa: E402
+from dl_moe.layer import MixtureOfExperts  # noqa: E402
+
+VOCAB = 64
+BATCH, SEQ = 2, 8
+TOLERANCE = 1e-5
+
+# Family → (backbone class, CausalLM class, constructor arguments, aux-loss coefficient).
+FAMILIES = {
+    "mixtral": (
+        keras_hub.models.MixtralBackbone,
+        keras_hub.models.MixtralCausalLM,
+        dict(num_query_heads=4, num_key_value_heads=2, hidden_dim=16, intermediate_dim=32, num_experts=4, top_k=2,
+             sliding_window=8, router_aux_loss_coef=0.05),
+    ),
+    "qwen3_moe": (
+        keras_hub.models.Qwen3MoeBackbone,
+        keras_hub.models.Qwen3MoeCausalLM,
+        dict(num_query_heads=4, num_key_value_heads=2, hidden_dim=16, intermediate_dim=32, moe_intermediate_dim=24,
+             num_experts=4, top_k=2, head_dim=4, norm_top_k_prob=False, router_aux_loss_coefficient=0.05),
+    ),
+}
+
+
+def relative_error(actual, expected):
+    actual, expected = np.asarray(actual, "float64"), np.asarray(expected, "float64")
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12))
+
+
+def make_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    token_ids = rng.integers(1, VOCAB, size=(BATCH, SEQ)).astype("int32")
+    padding_mask = np.ones((BATCH, SEQ), dtype=bool)
+    padding_mask[1, 5:] = False  # a right-padded sequence
+    token_ids[~padding_mask] = 0
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+def build_pair(family):
+    """(stock CausalLM, sparsified CausalLM with the same weights)."""
+    backbone_cls, causal_lm_cls, kwargs = FAMILIES[family]
+    keras.utils.set_random_seed(0)
+    stock_backbone = backbone_cls(vocabulary_size=VOCAB, num_layers=2, **kwargs)
+    # Router kernels of keras-hub's initializers are tiny; spread the routing so that
+    # every expert is used and a wrong assignment shows in the outputs.
+    rng = np.random.default_rng(1)
+    for variable in stock_backbone.weights:
+        if len(variable.shape) >= 2:
+            variable.assign(rng.normal(scale=0.3, size=variable.shape).astype("float32"))
+    stock = causal_lm_cls(backbone=stock_backbone)
+    twin_backbone = backbone_cls.from_config(stock_backbone.get_config())
+    twin_backbone.set_weights(stock_backbone.get_weights())
+    sparse = integration.sparsify(causal_lm_cls(backbone=twin_backbone))
+    return stock, sparse
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def pair(request):
+    return (request.param,) + build_pair(request.param)
+
+
+def test_sparsify_replaces_every_moe_block_by_type(pair):
+    family, stock, sparse = pair
+    assert integration.is_sparsified(sparse) and not integration.is_sparsified(stock)
+    layers = integration.moe_layers(sparse)
+    assert [layer.name for layer in layers] == ["transformer_layer_0_moe", "transformer_layer_1_moe"]
+    assert all(isinstance(layer, MixtureOfExperts) for layer in layers)
+    assert all(not layer.config.drop_tokens for layer in layers)  # dropless by default
+    stock_block_cls = integration._FAMILIES[type(stock.backbone)].stock_block_class
+    assert not integration._find_blocks(sparse.backbone, (stock_block_cls,))
+
+
+def test_backbone_and_logits_equal_stock(pair):
+    family, stock, sparse = pair
+    inputs = make_inputs()
+    real = inputs["padding_mask"]
+    hidden = ops.convert_to_numpy(sparse.backbone(inputs))
+    expected_hidden = ops.convert_to_numpy(stock.backbone(inputs))
+    assert relative_error(hidden[real], expected_hidden[real]) < TOLERANCE
+    logits = ops.convert_to_numpy(sparse(inputs))
+    expected_logits = ops.convert_to_numpy(stock(inputs))
+    assert logits.shape == (BATCH, SEQ, VOCAB)
+    assert relative_error(logits[real], expected_logits[real]) < TOLERANCE
+
+
+def moe_losses(model, inputs):
+    model.backbone(inputs, training=True)
+    return [float(ops.convert_to_numpy(loss)) for loss in model.backbone.losses]
+
+
+def test_training_adds_the_stock_balancing_loss(pair):
+    family, stock, sparse = pair
+    inputs = make_inputs(1)
+    expected = moe_losses(stock, inputs)
+    losses = moe_losses(sparse, inputs)
+    assert len(expected) == 2 and len(losses) == 2  # one per MoE layer
+    np.testing.assert_allclose(sorted(losses), sorted(expected), rtol=1e-5)
+    assert min(losses) > 0.0
+
+
+def test_greedy_generate_gives_the_stock_tokens(pair):
+    family, stock, sparse = pair
+    prompt = make_inputs(2)
+    prompt["padding_mask"][:, 3:] = False  # 3 prompt tokens, 5 generated
+    prompt["token_ids"][:, 3:] = 0
+    for model in (stock, sparse):
+        model.compile(sampler="greedy")
+    expected = stock.generate(dict(prompt), stop_token_ids=None)
+    tokens = sparse.generate(dict(prompt), stop_token_ids=None)
+    np.testing.assert_array_equal(ops.convert_to_numpy(tokens["token_ids"]), ops.convert_to_numpy(expected["token_ids"]))
+    assert np.all(ops.convert_to_numpy(tokens["padding_mask"]))
+
+
+def test_keras_round_trip_and_weights_back_to_stock(pair, tmp_path):
+    family, stock, sparse = pair
+    inputs = make_inputs(3)
+    real = inputs["padding_mask"]
+    expected = ops.convert_to_numpy(sparse(inputs))
+    path = os.path.join(tmp_path, "sparse.keras")
+    sparse.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert integration.is_sparsified(loaded)
+    assert loaded.backbone.get_config()["dl_moe_overrides"] == {}
+    np.testing.assert_array_equal(ops.convert_to_numpy(loaded(inputs)), expected)
+
+    back = integration.unsparsify(loaded)
+    assert type(back) is type(stock) and type(back.backbone) is type(stock.backbone)
+    assert relative_error(ops.convert_to_numpy(back(inputs))[real], ops.convert_to_numpy(stock(inputs))[real]) < TOLERANCE
+    # Stock keras-hub reads the weights back: the preset files of the stock model.
+    preset = os.path.join(tmp_path, "preset")
+    back.backbone.save_to_preset(preset)
+    reloaded = keras_hub.models.Backbone.from_preset(preset)
+    assert type(reloaded) is type(stock.backbone)
+    for a, b in zip(reloaded.weights, stock.backbone.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+
+
+def test_fit_lowers_the_loss_and_reports_routing(pair):
+    family, stock, sparse = pair
+    # A separate copy: training must not change the weights other tests compare.
+    model = type(sparse)(backbone=type(sparse.backbone).from_config(sparse.backbone.get_config()))
+    model.set_weights(sparse.get_weights())
+    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    inputs = make_inputs(4)
+    x = {k: np.tile(v, (2, 1)) for k, v in inputs.items()}
+    y = np.roll(x["token_ids"], -1, axis=1)
+    monitor = RoutingMonitor()
+    history = model.fit(x, y, sample_weight=x["padding_mask"].astype("float32"), batch_size=4, epochs=4, verbose=0,
+                        callbacks=[monitor])
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+    for name in ("transformer_layer_0_moe", "transformer_layer_1_moe"):
+        assert history.history[f"{name}_avg_experts"][-1] == pytest.approx(2.0)
+        assert history.history[f"{name}_dropped"][-1] == 0.0
+        assert monitor.expert_fractions[name][-1].shape == (4,)
+
+
+def test_overrides_reach_the_layers_and_survive_saving(tmp_path):
+    stock, _ = build_pair("mixtral")
+    model = integration.sparsify(stock, drop_tokens=True, train_capacity_factor=1.25, z_loss_weight=1e-3)
+    layer = integration.moe_layers(model)[0]
+    assert layer.config.drop_tokens and layer.config.train_capacity_factor == 1.25
+    assert layer.config.gating_config.z_loss_weight == 1e-3
+    assert layer.config.gating_config.aux_loss_weight == 0.05  # the model's own coefficient
+    path = os.path.join(tmp_path, "capacity.keras")
+    model.backbone.save(path)
+    loaded = keras.models.load_model(path)
+    assert integration.moe_layers(loaded)[0].config.to_dict() == layer.config.to_dict()
+
+
+def test_bad_models_and_overrides_raise():
+    stock, sparse = build_pair("mixtral")
+    with pytest.raises(ValueError, match="already sparsified"):
+        integration.sparsify(sparse)
+    with pytest.raises(ValueError, match="cannot override 'top_k'"):
+        integration.sparsify(stock, top_k=1)
+    with pytest.raises(ValueError, match="Unknown sparsify override 'capacity'"):
+        integration.sparsify(stock, capacity=2)
+    with pytest.raises(ValueError, match="drop_tokens"):
+        integration.sparsify(stock, drop_tokens="yes")
+    with pytest.raises(ValueError, match="not sparsified"):
+        integration.unsparsify(stock)
+    with pytest.raises(ValueError, match="Backbone or CausalLM"):
+        integration.sparsify(keras.Sequential([keras.layers.Dense(2)]))
+    assert not integration.is_sparsified(stock)  # a failed call leaves the model stock
