@@ -16,7 +16,7 @@ from dl_moe.backend_fast_paths import (
 )
 from dl_moe.config import MoEConfig
 from dl_moe.distribution import constrain_to_expert_axis
-from dl_moe.experts.ffn import FFNExpertBank
+from dl_moe.experts.shared import SharedExpertGate, shared_expert_bank
 from dl_moe.gating.base import call_router
 from dl_moe.losses import importance_loss, load_balancing_loss, router_entropy_loss, router_z_loss
 from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
@@ -118,21 +118,16 @@ class MixtureOfExperts(keras.layers.Layer):
         row_features = tuple(input_shape[1:]) if self.experts.token_layout == "example" else (hidden_dim,)
         self.experts.build((None, None) + row_features)
         self.shared_experts = None
+        self.shared_expert_gate = None
         if self.config.num_shared_experts:
-            # n shared FFN experts of width h == one FFN of width n*h (stacked hidden axis).
-            expert = self.config.expert_config
-            self.shared_experts = FFNExpertBank(
-                num_experts=1,
-                intermediate_size=self.config.num_shared_experts * expert.resolved_intermediate_size,
-                output_dim=self.experts.compute_output_shape((None, None, hidden_dim))[-1],
-                ffn_type=expert.ffn_type,
-                activation=expert.activation,
-                dropout_rate=expert.dropout_rate,
-                use_bias=expert.use_bias,
-                dtype=self._bank_dtype_policy("shared_experts"),
-                name="shared_experts",
+            output_dim = self.experts.compute_output_shape((None, None, hidden_dim))[-1]
+            self.shared_experts = shared_expert_bank(
+                self.config, output_dim, dtype=self._bank_dtype_policy("shared_experts")
             )
             self.shared_experts.build((None, None, hidden_dim))
+            if self.config.shared_expert_gate:
+                self.shared_expert_gate = SharedExpertGate(dtype=self.dtype_policy, name="shared_expert_gate")
+                self.shared_expert_gate.build((None, hidden_dim))
 
         def stat(name, shape=()):
             return self.add_weight(
@@ -265,8 +260,10 @@ class MixtureOfExperts(keras.layers.Layer):
         """outputs `[T, o]` + the shared experts' output on every token `[T, d]`."""
         if self.shared_experts is None:
             return outputs
-        shared = self.shared_experts(ops.expand_dims(tokens, 0), training=training)  # [1, T, o]
-        return outputs + ops.cast(shared[0], outputs.dtype)
+        shared = self.shared_experts(ops.expand_dims(tokens, 0), training=training)[0]  # [T, o]
+        if self.shared_expert_gate is not None:
+            shared = shared * self.shared_expert_gate(tokens)  # [T, 1] sigmoid gate
+        return outputs + ops.cast(shared, outputs.dtype)
 
     def _call_soft(self, inputs, training, mask):
         hidden_dim = self.config.expert_config.hidden_dim

@@ -1,0 +1,328 @@
+"""Options that today's MoE language models need, each against a numpy reference.
+
+Router bias and GPT-OSS's top-k-then-softmax, `normalize_top_k=False` (Qwen3-MoE),
+expert biases with GPT-OSS's clamped gated unit (loaded from a fused interleaved
+gate/up tensor), tanh-gelu experts with a per-expert output scale (Gemma 4), and a
+shared expert of its own width behind a per-token sigmoid gate (Qwen-MoE).
+
+The references below are written from the model families' formulas, loop over tokens
+and read every setting from the test, never from the layer under test.
+"""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import dl_moe
+from dl_moe.experts.fused import fuse_gate_up, split_gate_up
+
+ATOL = 1e-5
+E, D, H = 4, 8, 6
+_erf = np.vectorize(math.erf)
+
+
+def softmax(z):
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def gelu_exact(z):
+    return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def gelu_tanh(z):
+    return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def numpy_weights(layer):
+    """{path relative to the MoE layer: numpy value}, e.g. 'experts/gate_kernel'."""
+    return {v.path.split("/", 1)[1]: np.asarray(ops.convert_to_numpy(v), "float64") for v in layer.weights}
+
+
+def randomize(layer, seed=0, scale=0.5):
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(scale=scale, size=v.shape).astype("float32"))
+
+
+def top_k(scores, k):
+    """Indices of the k largest scores per row, best first."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def moe_reference(x, route, expert):
+    """sum_j weight_j * expert(indices_j, x) per token; route(x_t) -> (indices, weights)."""
+    out = np.zeros((x.shape[0], D))
+    for t in range(x.shape[0]):
+        indices, weights = route(x[t])
+        for e, w in zip(indices, weights):
+            out[t] += w * expert(e, x[t])
+    return out
+
+
+def layer_output(layer, x, **kwargs):
+    return np.asarray(ops.convert_to_numpy(layer(x, **kwargs)), "float64")
+
+
+# --------------------------------------------------------------- router bias
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_router_bias_and_normalize_top_k_match_reference(normalize):
+    # Mixtral/Qwen3-MoE routing (softmax, top-2, renormalise or not) with a router bias.
+    x = np.random.default_rng(1).normal(size=(2, 9, D)).astype("float32")
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=2, intermediate_size=H, ffn_type="swiglu", use_bias=False,
+        use_router_bias=True, normalize_top_k=normalize, drop_tokens=False,
+    )
+    layer.build(x.shape)
+    randomize(layer)
+    w = numpy_weights(layer)
+    assert w["router/router_bias"].shape == (E,)
+
+    def route(xt):
+        p = softmax(xt @ w["router/router_kernel"] + w["router/router_bias"])
+        idx = top_k(p[None], 2)[0]
+        weights = p[idx] / p[idx].sum() if normalize else p[idx]
+        return idx, weights
+
+    def expert(e, xt):
+        gate = xt @ w["experts/gate_kernel"][e]
+        return (gate * sigmoid(gate) * (xt @ w["experts/up_kernel"][e])) @ w["experts/down_kernel"][e]
+
+    ref = moe_reference(x.reshape(-1, D).astype("float64"), route, expert)
+    np.testing.assert_allclose(layer_output(layer, x).reshape(-1, D), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_normalized_top_k_equals_gpt_oss_softmax_over_selected_logits():
+    # GPT-OSS: top-k of the logits first, then a softmax over those k logits.
+    x = np.random.default_rng(2).normal(size=(30, D)).astype("float32")
+    layer = dl_moe.create_ffn_moe(num_experts=8, hidden_dim=D, top_k=3, use_router_bias=True, normalize_top_k=True)
+    layer.build(x.shape)
+    randomize(layer, scale=1.0)
+    w = numpy_weights(layer)
+    logits = x.astype("float64") @ w["router/router_kernel"] + w["router/router_bias"]
+    indices = top_k(logits, 3)
+    expected = softmax(np.take_along_axis(logits, indices, -1))
+    decision = layer.route(x)
+    np.testing.assert_array_equal(decision["indices"], indices)
+    np.testing.assert_allclose(decision["weights"], expected, atol=1e-6)
+
+
+# ------------------------------------------------- GPT-OSS experts (clamped)
+
+
+ALPHA, LIMIT = 1.702, 0.8  # a small limit so that the clamps act on these inputs
+
+
+def gpt_oss_reference(x, router_kernel, router_bias, gate_up, gate_up_bias, down, down_bias, k):
+    """keras-hub 0.32's GptOssSparseMoeBlock, token by token, from its fused tensors."""
+
+    def route(xt):
+        logits = xt @ router_kernel + router_bias
+        idx = top_k(logits[None], k)[0]
+        return idx, softmax(logits[idx])
+
+    def expert(e, xt):
+        fused = xt @ gate_up[e] + gate_up_bias[e]  # [2h], gate and up interleaved
+        gate = np.minimum(fused[0::2], LIMIT)
+        up = np.clip(fused[1::2], -LIMIT, LIMIT)
+        return ((up + 1.0) * gate * sigmoid(ALPHA * gate)) @ down[e] + down_bias[e]
+
+    return moe_reference(x, route, expert)
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True])
+def test_clamped_swiglu_loaded_from_fused_interleaved_tensor(drop_tokens):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 8, D)).astype("float32")
+    fused = dict(
+        router_kernel=rng.normal(size=(D, E)), router_bias=rng.normal(size=(E,)),
+        gate_up=rng.normal(scale=0.5, size=(E, D, 2 * H)), gate_up_bias=rng.normal(scale=0.5, size=(E, 2 * H)),
+        down=rng.normal(scale=0.5, size=(E, H, D)), down_bias=rng.normal(scale=0.5, size=(E, D)),
+    )
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=2, intermediate_size=H, ffn_type="clamped_swiglu",
+        glu_alpha=ALPHA, glu_limit=LIMIT, use_router_bias=True, normalize_top_k=True,
+        drop_tokens=drop_tokens, eval_capacity_factor=4.0,  # capacity 4*16*2/4: nothing dropped
+    )
+    layer.build(x.shape)
+    gate, up = split_gate_up(fused["gate_up"], "interleaved")
+    gate_bias, up_bias = split_gate_up(fused["gate_up_bias"], "interleaved")
+    values = {
+        "router_kernel": fused["router_kernel"], "router_bias": fused["router_bias"],
+        "gate_kernel": gate, "up_kernel": up, "down_kernel": fused["down"],
+        "gate_bias": gate_bias, "up_bias": up_bias, "down_bias": fused["down_bias"],
+    }
+    for v in layer.weights:
+        if v.name in values:
+            v.assign(values.pop(v.name).astype("float32"))
+    assert not values  # every tensor found its weight
+    xf = x.reshape(-1, D).astype("float64")
+    # The clamps matter on these inputs: some gates exceed the limit, some ups leave ±limit.
+    pre = np.einsum("td,edm->etm", xf, fused["gate_up"]) + fused["gate_up_bias"][:, None]
+    assert (pre[..., 0::2] > LIMIT).mean() > 0.1 and (np.abs(pre[..., 1::2]) > LIMIT).mean() > 0.1
+    ref = gpt_oss_reference(xf, k=2, **fused)
+    np.testing.assert_allclose(layer_output(layer, x).reshape(-1, D), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_fused_gate_up_layouts_round_trip():
+    fused = np.arange(2 * 3 * 8).reshape(2, 3, 8)
+    gate, up = split_gate_up(fused, "interleaved")
+    np.testing.assert_array_equal(gate[0, 0], [0, 2, 4, 6])
+    np.testing.assert_array_equal(up[0, 0], [1, 3, 5, 7])
+    np.testing.assert_array_equal(fuse_gate_up(gate, up, "interleaved"), fused)
+    gate, up = split_gate_up(fused, "halves")
+    np.testing.assert_array_equal(gate[0, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(up[0, 0], [4, 5, 6, 7])
+    np.testing.assert_array_equal(fuse_gate_up(gate, up, "halves"), fused)
+    with pytest.raises(ValueError, match="layout"):
+        split_gate_up(fused, "stacked")
+    with pytest.raises(ValueError, match="even"):
+        split_gate_up(fused[..., :7], "halves")
+
+
+# ------------------------------------------- Gemma 4 experts (tanh gelu, scale)
+
+
+@pytest.mark.parametrize("ffn_type, gelu", [("geglu_tanh", gelu_tanh), ("geglu", gelu_exact)])
+def test_gelu_glu_with_per_expert_scale_matches_reference(ffn_type, gelu):
+    x = np.random.default_rng(4).normal(size=(21, D)).astype("float32")
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=2, intermediate_size=H, ffn_type=ffn_type, use_bias=False,
+        use_expert_scale=True, normalize_top_k=True, drop_tokens=False,
+    )
+    layer.build(x.shape)
+    randomize(layer, scale=1.0)
+    w = numpy_weights(layer)
+    assert w["experts/expert_scale"].shape == (E,)
+
+    def route(xt):
+        p = softmax(xt @ w["router/router_kernel"])
+        idx = top_k(p[None], 2)[0]
+        return idx, p[idx] / p[idx].sum()
+
+    def expert(e, xt):
+        hidden = gelu(xt @ w["experts/gate_kernel"][e]) * (xt @ w["experts/up_kernel"][e])
+        return (hidden @ w["experts/down_kernel"][e]) * w["experts/expert_scale"][e]
+
+    ref = moe_reference(x.astype("float64"), route, expert)
+    np.testing.assert_allclose(layer_output(layer, x), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_tanh_and_exact_gelu_differ_here():
+    # The two gelu variants must not be interchangeable on these inputs (else the test
+    # above could not tell them apart).
+    z = np.random.default_rng(4).normal(scale=2.0, size=1000)
+    assert np.abs(gelu_tanh(z) - gelu_exact(z)).max() > 1e-4
+
+
+# ------------------------------------------------ gated shared expert (Qwen)
+
+
+@pytest.mark.parametrize("gating_type", ["linear", "softmoe"])
+def test_gated_shared_expert_of_own_width_matches_reference(gating_type):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 6, D)).astype("float32")
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6], bool)
+    kwargs = dict(num_experts=E, hidden_dim=D, top_k=2, intermediate_size=H, ffn_type="swiglu", use_bias=False,
+                  gating_type=gating_type, drop_tokens=False)
+    layer = dl_moe.create_ffn_moe(num_shared_experts=1, shared_expert_intermediate_size=10,
+                                  shared_expert_gate=True, **kwargs)
+    layer.build(x.shape)
+    randomize(layer)
+    w = numpy_weights(layer)
+    assert w["shared_experts/gate_kernel"].shape == (1, D, 10)
+    assert w["shared_expert_gate/kernel"].shape == (D, 1)
+    # The routed part alone: the same router and experts without the shared path.
+    routed = dl_moe.create_ffn_moe(**kwargs)
+    routed.build(x.shape)
+    for v in routed.weights:
+        name = v.path.split("/", 1)[1]
+        if name in w:
+            v.assign(w[name].astype("float32"))
+    xf = x.astype("float64")
+    gate = xf @ w["shared_experts/gate_kernel"][0]
+    shared = (gate * sigmoid(gate) * (xf @ w["shared_experts/up_kernel"][0])) @ w["shared_experts/down_kernel"][0]
+    expected = layer_output(routed, x, mask=mask) + sigmoid(xf @ w["shared_expert_gate/kernel"]) * shared
+    expected *= mask[..., None]
+    np.testing.assert_allclose(layer_output(layer, x, mask=mask), expected, atol=ATOL, rtol=1e-5)
+
+
+# ----------------------------------------------------------- config rules
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(ffn_type="swiglu", glu_limit=7.0), "glu_limit"),
+        (dict(ffn_type="mlp", glu_alpha=1.0), "glu_alpha"),
+        (dict(gating_type="cosine", use_router_bias=True), "use_router_bias"),
+        (dict(shared_expert_gate=True), "shared_expert_gate.*num_shared_experts"),
+        (dict(shared_expert_intermediate_size=16), "shared_expert_intermediate_size.*num_shared_experts"),
+        (dict(ffn_type="clamped_swiglu", glu_limit=0.0), "glu_limit"),
+    ],
+)
+def test_invalid_settings_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, **overrides)
+
+
+def test_expert_scale_needs_ffn_experts():
+    with pytest.raises(ValueError, match="use_expert_scale"):
+        dl_moe.create_attention_moe(num_experts=E, hidden_dim=D, num_heads=2, use_expert_scale=True)
+
+
+def compiled_fit_and_round_trip(layer, tmp_path, steps=3):
+    """A compiled (XLA on JAX/TF) fit whose loss falls, then a `.keras` round trip."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 5, D)).astype("float32")
+    y = rng.normal(size=(16, 5, D)).astype("float32")
+    inputs = keras.Input((5, D))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", jit_compile=keras.backend.backend() != "torch")
+    losses = model.fit(x, y, epochs=steps, batch_size=16, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(restored(x)), ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
+    return restored.layers[-1]
+
+
+def test_all_options_train_compiled_and_round_trip(tmp_path):
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=2, intermediate_size=H, ffn_type="clamped_swiglu",
+        use_router_bias=True, use_expert_scale=True, num_shared_experts=1,
+        shared_expert_intermediate_size=5, shared_expert_gate=True, normalize_top_k=True,
+    )
+    restored = compiled_fit_and_round_trip(layer, tmp_path)
+    assert restored.config == layer.config
+    assert restored.config.shared_expert_gate and restored.config.gating_config.use_router_bias
+
+
+def test_expert_scale_survives_int8_quantization_and_reload(tmp_path):
+    x = np.random.default_rng(6).normal(size=(4, 3, D)).astype("float32")
+    inputs = keras.Input((3, D))
+    layer = dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, intermediate_size=H, ffn_type="geglu_tanh",
+                                  use_expert_scale=True, drop_tokens=False)
+    model = keras.Model(inputs, layer(inputs))
+    layer.experts.expert_scale.assign(np.array([0.5, 2.0, -1.0, 3.0], "float32"))
+    model.quantize("int8")
+    assert layer.experts.quantization_mode == "int8"
+    np.testing.assert_array_equal(ops.convert_to_numpy(layer.experts.expert_scale), [0.5, 2.0, -1.0, 3.0])
+    path = str(tmp_path / "q.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(restored(x)), ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6
+    )
