@@ -313,7 +313,10 @@ def _find_blocks(backbone, block_classes):
     """`[(parent_layer, attribute, block)]` for every block of the given types, by type."""
     found = []
     for layer in backbone._flatten_layers(include_self=False, recursive=True):
-        for attribute, value in sorted(vars(layer).items()):
+        # On PyTorch sub-layers live in the torch.nn.Module's `_modules`, not in `__dict__`.
+        attributes = set(vars(layer)) | set(getattr(layer, "_modules", None) or {})
+        for attribute in sorted(attributes):
+            value = getattr(layer, attribute, None)
             if type(value) in block_classes:
                 found.append((layer, attribute, value))
     return found
@@ -322,8 +325,16 @@ def _find_blocks(backbone, block_classes):
 def _rebind_sublayer(parent, attribute, new_layer):
     """Rebinds `parent.<attribute>` to `new_layer`, replacing the old one in Keras's tracking."""
     old_layer = getattr(parent, attribute)
+    # Swapping in the tracker first keeps the built parent's lock from refusing a new layer.
     parent._tracker.replace_tracked_value("layers", old_layer, new_layer)
-    object.__setattr__(parent, attribute, new_layer)
+    setattr(parent, attribute, new_layer)
+
+
+def _refresh_torch_params(model):
+    """PyTorch: re-collects each layer's `torch_params` (they still hold the replaced weights)."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if "_torch_params" in vars(layer) or "_torch_params" in (getattr(layer, "_modules", None) or {}):
+            layer._track_variables()
 
 
 def _swap_blocks(backbone, overrides, copy_weights):
@@ -341,6 +352,8 @@ def _swap_blocks(backbone, overrides, copy_weights):
         if copy_weights:
             adapter.load_stock_weights(block)
         _rebind_sublayer(parent, attribute, adapter)
+    if keras.backend.backend() == "torch":
+        _refresh_torch_params(backbone)
     return len(found)
 
 
