@@ -46,6 +46,10 @@ class MixtureOfExperts(keras.layers.Layer):
         training: Training mode (noise, dropout, `train_capacity_factor`, losses).
         mask: Optional boolean `[...]` (Keras masking). Masked tokens take no capacity,
             are ignored by losses and statistics, and output zeros.
+        router_inputs: Optional `[..., d]` tensor the router sees instead of `inputs`
+            (same leading shape), for models that route on other features than the
+            experts compute on (Gemma 4 routes the block's input, its experts see
+            a normalised copy). Token-choice routing of FFN-style experts only.
 
     Returns:
         `[..., output_dim]`.
@@ -146,7 +150,7 @@ class MixtureOfExperts(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, router_inputs=None):
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if "float" not in dtype:
             # Integer inputs are almost always token ids that missed an Embedding.
@@ -154,11 +158,26 @@ class MixtureOfExperts(keras.layers.Layer):
                 f"MixtureOfExperts expects floating-point inputs, got dtype {dtype}; embed or cast "
                 "them first (e.g. keras.layers.Embedding for token ids)."
             )
+        if router_inputs is not None:
+            self._check_router_inputs(inputs, router_inputs)
         if self.is_soft:
             return self._call_soft(inputs, training, mask)
         if self._gating_cls.routing_kind == "expert_choice":
             return self._call_expert_choice(inputs, training, mask)
-        return self._call_token_choice(inputs, training, mask)
+        return self._call_token_choice(inputs, training, mask, router_inputs)
+
+    def _check_router_inputs(self, inputs, router_inputs):
+        """`router_inputs` needs token-choice routing, token-layout experts and `[..., d]`."""
+        kind = self._gating_cls.routing_kind
+        if kind != "token_choice" or self.experts.token_layout != "token":
+            raise ValueError(
+                f"router_inputs needs a token-choice router and FFN-style experts, got gating_type="
+                f"{self.config.gating_config.gating_type!r}, expert_type={self.config.expert_config.expert_type!r}."
+            )
+        if tuple(router_inputs.shape) != tuple(inputs.shape):
+            raise ValueError(
+                f"router_inputs must have the shape of inputs {tuple(inputs.shape)}, got {tuple(router_inputs.shape)}."
+            )
 
     def _flatten_tokens(self, inputs, mask):
         """inputs → `(tokens [T, ...], token_mask [T] or None, leading_shape)`.
@@ -201,11 +220,15 @@ class MixtureOfExperts(keras.layers.Layer):
         outputs = ops.reshape(outputs, tuple(leading_shape) + tuple(outputs.shape[1:]))
         return self._zero_masked(outputs, mask)
 
-    def _call_token_choice(self, inputs, training, mask):
+    def _call_token_choice(self, inputs, training, mask, router_inputs=None):
         tokens, token_mask, leading_shape = self._flatten_tokens(inputs, mask)
 
         # Route.
-        weights, indices, info = self._route(self.experts.router_inputs(tokens), training, token_mask)  # [T, k]
+        if router_inputs is None:
+            router_tokens = self.experts.router_inputs(tokens)
+        else:
+            router_tokens = ops.reshape(ops.cast(router_inputs, tokens.dtype), ops.shape(tokens))
+        weights, indices, info = self._route(router_tokens, training, token_mask)  # [T, k]
         active = info.get("active")
         active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
         if token_mask is not None:

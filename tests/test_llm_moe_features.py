@@ -326,3 +326,190 @@ def test_expert_scale_survives_int8_quantization_and_reload(tmp_path):
     np.testing.assert_allclose(
         ops.convert_to_numpy(restored(x)), ops.convert_to_numpy(model(x)), rtol=1e-6, atol=1e-6
     )
+
+
+# ------------------------------------------- sigmoid router (DeepSeek-V3, Llama 4)
+
+
+def deepseek_v3_route(logits, bias, k, groups, top_k_groups, normalize, scale):
+    """DeepSeek-V3's routing of one token's logits `[E]`, written from the paper/HF code."""
+    scores = sigmoid(logits)
+    choice = scores + bias
+    if groups:
+        size = len(scores) // groups
+        group_scores = [np.sort(choice[g * size:(g + 1) * size])[-2:].sum() for g in range(groups)]
+        kept = np.argsort(-np.array(group_scores), kind="stable")[:top_k_groups]
+        allowed = np.zeros(len(scores), bool)
+        for g in kept:
+            allowed[g * size:(g + 1) * size] = True
+        choice = np.where(allowed, choice, -np.inf)
+    idx = np.argsort(-choice, kind="stable")[:k]
+    weights = scores[idx]
+    if normalize:
+        weights = weights / (weights.sum() + 1e-20)
+    return idx, weights * scale
+
+
+SIGMOID_CASES = {
+    # name: (num_experts, top_k, groups, top_k_groups, normalize, scale)
+    "deepseek_v3_groups": (8, 3, 4, 2, True, 2.5),
+    "no_groups": (6, 2, None, 1, True, 1.0),
+    "unnormalised": (6, 2, None, 1, False, 1.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIGMOID_CASES))
+def test_sigmoid_router_matches_deepseek_v3_reference(case):
+    num_experts, k, groups, top_k_groups, normalize, scale = SIGMOID_CASES[case]
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(40, D)).astype("float32")
+    extra = {} if groups is None else dict(num_expert_groups=groups, top_k_groups=top_k_groups)
+    layer = dl_moe.create_ffn_moe(
+        num_experts=num_experts, hidden_dim=D, top_k=k, gating_type="sigmoid", intermediate_size=H,
+        ffn_type="swiglu", use_bias=False, normalize_top_k=normalize, routed_scaling_factor=scale,
+        balancing="aux_free", drop_tokens=False, **extra,
+    )
+    layer.build(x.shape)
+    randomize(layer, scale=1.0)
+    bias = rng.normal(scale=0.3, size=num_experts).astype("float32")
+    layer.gating_network.expert_bias.assign(bias)
+    w = numpy_weights(layer)
+    logits = x.astype("float64") @ w["router/router_kernel"]
+
+    def route(xt):
+        return deepseek_v3_route(xt @ w["router/router_kernel"], bias, k, groups, top_k_groups, normalize, scale)
+
+    decision = layer.route(x)
+    expected = [route(xt) for xt in x.astype("float64")]
+    np.testing.assert_array_equal(decision["indices"], np.stack([i for i, _ in expected]))
+    np.testing.assert_allclose(decision["weights"], np.stack([v for _, v in expected]), atol=1e-6)
+    np.testing.assert_allclose(decision["probs"], sigmoid(logits) / sigmoid(logits).sum(-1, keepdims=True), atol=1e-6)
+    if groups:
+        # The group limit changes some selections (else this case would not test it).
+        free = [deepseek_v3_route(l, bias, k, None, 1, normalize, scale)[0] for l in logits]
+        assert any(set(a) != set(b) for a, b in zip(free, decision["indices"]))
+
+    def expert(e, xt):
+        gate = xt @ w["experts/gate_kernel"][e]
+        return (gate * sigmoid(gate) * (xt @ w["experts/up_kernel"][e])) @ w["experts/down_kernel"][e]
+
+    ref = moe_reference(x.astype("float64"), route, expert)
+    np.testing.assert_allclose(layer_output(layer, x), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_llama4_routing_top1_sigmoid_with_shared_expert():
+    # Llama 4: top-1, weight = sigmoid(best logit), plus one shared expert.
+    x = np.random.default_rng(8).normal(size=(12, D)).astype("float32")
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=1, gating_type="sigmoid", intermediate_size=H, ffn_type="swiglu",
+        use_bias=False, num_shared_experts=1, drop_tokens=False,
+    )
+    layer.build(x.shape)
+    randomize(layer, scale=1.0)
+    w = numpy_weights(layer)
+    logits = x.astype("float64") @ w["router/router_kernel"]
+    decision = layer.route(x)
+    np.testing.assert_array_equal(decision["indices"][:, 0], logits.argmax(-1))
+    np.testing.assert_allclose(decision["weights"][:, 0], sigmoid(logits.max(-1)), atol=1e-6)
+
+    def swiglu(xt, prefix, e):
+        gate = xt @ w[prefix + "gate_kernel"][e]
+        return (gate * sigmoid(gate) * (xt @ w[prefix + "up_kernel"][e])) @ w[prefix + "down_kernel"][e]
+
+    ref = np.stack([
+        sigmoid(l.max()) * swiglu(xt, "experts/", l.argmax()) + swiglu(xt, "shared_experts/", 0)
+        for xt, l in zip(x.astype("float64"), logits)
+    ])
+    np.testing.assert_allclose(layer_output(layer, x), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_sigmoid_router_capacity_mask_compiled_fit_and_round_trip(tmp_path):
+    # Capacity mode, a padding mask, aux-free balancing with group-limited routing,
+    # compiled on JAX/TF: the bias moves in fit and the model round-trips.
+    layer = dl_moe.create_ffn_moe(
+        num_experts=8, hidden_dim=D, top_k=2, gating_type="sigmoid", intermediate_size=H, ffn_type="swiglu",
+        num_expert_groups=4, top_k_groups=2, normalize_top_k=True, routed_scaling_factor=2.0,
+        balancing="aux_free", train_capacity_factor=1.0,
+    )
+    restored = compiled_fit_and_round_trip(layer, tmp_path)
+    assert np.abs(ops.convert_to_numpy(restored.gating_network.expert_bias)).sum() > 0
+    x = np.random.default_rng(9).normal(size=(2, 5, D)).astype("float32")
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    out = layer_output(restored, x, mask=mask)
+    assert np.all(out[0, 3:] == 0) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[0, :3], layer_output(restored, x[:1, :3])[0], atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts=8, num_expert_groups=3), "num_expert_groups"),
+        (dict(num_experts=8, top_k_groups=2), "top_k_groups"),
+        (dict(num_experts=8, top_k=5, num_expert_groups=4, top_k_groups=2), "num_expert_groups"),
+        (dict(num_experts=8, hierarchical_routing=True), "hierarchical_routing"),
+    ],
+)
+def test_sigmoid_router_group_settings_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dl_moe.create_ffn_moe(hidden_dim=D, gating_type="sigmoid", **overrides)
+
+
+def test_routed_scaling_factor_is_only_for_the_sigmoid_router():
+    with pytest.raises(ValueError, match="routed_scaling_factor"):
+        dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, routed_scaling_factor=2.0)
+
+
+# -------------------------------------------------- Gemma 4 router and block
+
+
+def test_gemma4_router_and_experts_match_reference():
+    # Router on the raw block input; experts on another tensor (Gemma 4 feeds them a
+    # normalised copy), tanh-gelu GLU experts with a per-expert output scale.
+    rng = np.random.default_rng(10)
+    router_x = rng.normal(scale=3.0, size=(2, 7, D)).astype("float32")
+    expert_x = rng.normal(size=(2, 7, D)).astype("float32")
+    eps = 1e-5
+    layer = dl_moe.create_ffn_moe(
+        num_experts=E, hidden_dim=D, top_k=2, gating_type="rmsnorm_linear", intermediate_size=H,
+        ffn_type="geglu_tanh", use_bias=False, use_expert_scale=True, normalize_top_k=True,
+        router_norm_epsilon=eps, drop_tokens=False,
+    )
+    layer.build(expert_x.shape)
+    randomize(layer, scale=1.0)
+    w = numpy_weights(layer)
+    assert w["router/router_input_scale"].shape == (D,)
+
+    def gemma4_route(xt):
+        normed = xt / np.sqrt(np.mean(xt**2) + eps) * D**-0.5 * w["router/router_input_scale"]
+        p = softmax(normed @ w["router/router_kernel"])
+        idx = top_k(p[None], 2)[0]
+        return idx, p[idx] / p[idx].sum()
+
+    def expert(e, xt):
+        hidden = gelu_tanh(xt @ w["experts/gate_kernel"][e]) * (xt @ w["experts/up_kernel"][e])
+        return (hidden @ w["experts/down_kernel"][e]) * w["experts/expert_scale"][e]
+
+    rx, ex = router_x.reshape(-1, D).astype("float64"), expert_x.reshape(-1, D).astype("float64")
+    ref = np.zeros_like(ex)
+    for t in range(len(ex)):
+        for e, weight in zip(*gemma4_route(rx[t])):
+            ref[t] += weight * expert(e, ex[t])
+    out = layer_output(layer, expert_x, router_inputs=router_x)
+    np.testing.assert_allclose(out.reshape(-1, D), ref, atol=ATOL, rtol=1e-5)
+    # Routing on the expert inputs instead gives another answer.
+    assert np.abs(layer_output(layer, expert_x) - out).max() > 1e-3
+
+
+def test_router_inputs_are_checked():
+    x = np.zeros((2, 3, D), "float32")
+    layer = dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, gating_type="softmoe")
+    with pytest.raises(ValueError, match="router_inputs"):
+        layer(x, router_inputs=x)
+    layer = dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D)
+    with pytest.raises(ValueError, match="router_inputs"):
+        layer(x, router_inputs=x[:, :2])
+
+
+def test_router_norm_epsilon_is_only_for_rmsnorm_linear():
+    with pytest.raises(ValueError, match="router_norm_epsilon"):
+        dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, router_norm_epsilon=1e-5)
