@@ -38,15 +38,22 @@ import keras
 from keras import ops
 
 from dl_moe.config import GatingConfig, MoEConfig
+from dl_moe.experts.fused import fuse_gate_up, split_gate_up
 from dl_moe.layer import MixtureOfExperts
 
 try:
     from keras_hub.src.models.backbone import Backbone
     from keras_hub.src.models.causal_lm import CausalLM
+    from keras_hub.src.models.gpt_oss.gpt_oss_backbone import GptOssBackbone
+    from keras_hub.src.models.gpt_oss.gpt_oss_decoder import GptOssSparseMoeBlock
     from keras_hub.src.models.mixtral.mixtral_backbone import MixtralBackbone
     from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
+    from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_backbone import Qwen3_5MoeBackbone
+    from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_decoder import Qwen3_5MoeSparseMoeBlock
     from keras_hub.src.models.qwen3_moe.qwen3_moe_backbone import Qwen3MoeBackbone
     from keras_hub.src.models.qwen3_moe.qwen3_moe_decoder import Qwen3SparseMoeBlock
+    from keras_hub.src.models.qwen_moe.qwen_moe_backbone import QwenMoeBackbone
+    from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "dl_moe.integrations.keras_hub needs keras-hub (pip install 'dl_moe[keras-hub]')."
@@ -88,29 +95,35 @@ def _validated_overrides(overrides):
 
 
 def _moe_config(num_experts, hidden_dim, intermediate_size, top_k, normalize_top_k, aux_loss_weight, overrides,
-                jitter_noise=0.0):
-    """The MoEConfig of a keras-hub block: dropless, SwiGLU, no residual, no z-loss."""
-    moe = {"drop_tokens": False, "use_residual_connection": False, "jitter_noise": jitter_noise}
-    gating = {
+                jitter_noise=0.0, expert=None, gating=None, moe=None):
+    """The MoEConfig of a keras-hub block: dropless, no residual, no z-loss.
+
+    `expert`, `gating` and `moe` add family fields (e.g. GPT-OSS's clamped unit, a
+    router bias, a gated shared expert) to the SwiGLU, linear top-k defaults.
+    """
+    moe_fields = {"drop_tokens": False, "use_residual_connection": False, "jitter_noise": jitter_noise, **(moe or {})}
+    gating_fields = {
         "gating_type": "linear",
         "top_k": top_k,
         "normalize_top_k": normalize_top_k,
         "aux_loss_weight": aux_loss_weight,
         "z_loss_weight": 0.0,
+        **(gating or {}),
     }
     for key, value in overrides.items():
-        (gating if key in _GATING_FIELDS else moe)[key] = value
-    return MoEConfig(
-        num_experts=num_experts,
-        expert_config={
-            "hidden_dim": hidden_dim,
-            "intermediate_size": intermediate_size,
-            "ffn_type": "swiglu",
-            "use_bias": False,
-        },
-        gating_config=gating,
-        **moe,
-    )
+        (gating_fields if key in _GATING_FIELDS else moe_fields)[key] = value
+    expert_fields = {
+        "hidden_dim": hidden_dim,
+        "intermediate_size": intermediate_size,
+        "ffn_type": "swiglu",
+        "use_bias": False,
+        **(expert or {}),
+    }
+    return MoEConfig(num_experts=num_experts, expert_config=expert_fields, gating_config=gating_fields, **moe_fields)
+
+
+def _numpy(variable):
+    return ops.convert_to_numpy(variable)
 
 
 class KerasHubMoEBlock(keras.layers.Layer):
@@ -157,6 +170,51 @@ class KerasHubMoEBlock(keras.layers.Layer):
         logits = self.router_logits(tokens) if self.return_router_logits else None
         return ops.reshape(outputs, shape), logits
 
+    @staticmethod
+    def _token_mask(attention_mask):
+        """Tokens a keras-hub balancing loss counts: a padding mask `[B, S]` as is; an
+        attention mask `[B, S, S_kv]` marks a token whose row attends anywhere."""
+        if attention_mask is None:
+            return None
+        attention_mask = ops.cast(attention_mask, "bool")
+        return ops.any(attention_mask, axis=-1) if len(attention_mask.shape) == 3 else attention_mask
+
+    def _assign_routed_swiglu(self, router_kernel, gate_kernel, up_kernel, down_kernel):
+        self.moe.gating_network.router_kernel.assign(router_kernel)
+        bank = self.moe.experts
+        bank.gate_kernel.assign(gate_kernel)
+        bank.up_kernel.assign(up_kernel)
+        bank.down_kernel.assign(down_kernel)
+
+    def _assign_shared(self, mlp, gate_dense):
+        """Copies a stock gated shared expert (gate/intermediate/output Dense `[d, hs]`,
+        `[d, hs]`, `[hs, d]` and gate Dense `[d, 1]`) into the layer's shared bank."""
+        shared = self.moe.shared_experts
+        shared.gate_kernel.assign(ops.expand_dims(mlp._feedforward_gate_dense.kernel, 0))
+        shared.up_kernel.assign(ops.expand_dims(mlp._feedforward_intermediate_dense.kernel, 0))
+        shared.down_kernel.assign(ops.expand_dims(mlp._feedforward_output_dense.kernel, 0))
+        self.moe.shared_expert_gate.kernel.assign(gate_dense.kernel)
+
+    def _write_shared(self, mlp, gate_dense):
+        shared = self.moe.shared_experts
+        mlp._feedforward_gate_dense.kernel.assign(shared.gate_kernel[0])
+        mlp._feedforward_intermediate_dense.kernel.assign(shared.up_kernel[0])
+        mlp._feedforward_output_dense.kernel.assign(shared.down_kernel[0])
+        gate_dense.kernel.assign(self.moe.shared_expert_gate.kernel)
+
+    def _load_halves(self, router_dense, bank):
+        """Router Dense `[d, E]` and a bank with the fused "halves" gate/up `[E, d, 2h]`."""
+        gate, up = split_gate_up(_numpy(bank._expert_feedforward_gate_dense), "halves")
+        self._assign_routed_swiglu(router_dense.kernel, gate, up, bank._expert_feedforward_output_dense)
+
+    def _write_halves(self, router_dense, bank):
+        experts = self.moe.experts
+        router_dense.kernel.assign(self.moe.gating_network.router_kernel)
+        bank._expert_feedforward_gate_dense.assign(
+            fuse_gate_up(_numpy(experts.gate_kernel), _numpy(experts.up_kernel), "halves")
+        )
+        bank._expert_feedforward_output_dense.assign(experts.down_kernel)
+
     def router_logits(self, tokens):
         """Router logits `[T, E]` of tokens `[T, d]` (what the stock block returns)."""
         return self.moe.gating_network.compute_gate_logits(ops.cast(tokens, "float32"))
@@ -188,14 +246,6 @@ class KerasHubMoEBlock(keras.layers.Layer):
         return config
 
 
-def _assign_swiglu(adapter, router_kernel, gate_kernel, up_kernel, down_kernel):
-    adapter.moe.gating_network.router_kernel.assign(router_kernel)
-    bank = adapter.moe.experts
-    bank.gate_kernel.assign(gate_kernel)
-    bank.up_kernel.assign(up_kernel)
-    bank.down_kernel.assign(down_kernel)
-
-
 @keras.saving.register_keras_serializable(package="dl_moe")
 class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
     """`MixtralSparseMoeBlock` computed sparsely.
@@ -224,12 +274,11 @@ class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
 
     def call(self, hidden_states, attention_mask=None, training=False):
         # attention_mask: the decoder's padding mask [B, S] (None in cached decoding).
-        return self._sparse_moe(hidden_states, attention_mask, training)
+        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
     def load_stock_weights(self, block):
         bank = block.expert_bank
-        _assign_swiglu(
-            self,
+        self._assign_routed_swiglu(
             block._sparse_feedforward_gate_dense.kernel,
             bank._expert_feedforward_gate_dense,
             bank._expert_feedforward_intermediate_dense,
@@ -274,34 +323,172 @@ class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
                    dtype=block.dtype_policy, name=name)
 
     def call(self, hidden_states, attention_mask=None, training=None):
-        token_mask = None if attention_mask is None else ops.any(ops.cast(attention_mask, "bool"), axis=-1)
-        return self._sparse_moe(hidden_states, token_mask, training)
+        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
     def load_stock_weights(self, block):
-        bank = block.expert_bank
-        gate_up = bank._expert_feedforward_gate_dense  # [E, d, 2h]
-        h = block.intermediate_dim
-        _assign_swiglu(
-            self,
-            block._sparse_feedforward_gate_dense.kernel,
-            gate_up[:, :, :h],
-            gate_up[:, :, h:],
-            bank._expert_feedforward_output_dense,
-        )
+        self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
 
     def write_stock_weights(self, block):
-        bank = self.moe.experts
-        block._sparse_feedforward_gate_dense.kernel.assign(self.moe.gating_network.router_kernel)
-        block.expert_bank._expert_feedforward_gate_dense.assign(
-            ops.concatenate([bank.gate_kernel, bank.up_kernel], axis=-1)
+        self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
+    """`QwenSparseMoeBlock` (Qwen1.5/Qwen2-MoE) computed sparsely.
+
+    As `Qwen3MoEBlock` (fused "halves" gate/up, `norm_top_k_prob`, attention-mask
+    token rule), plus the gated shared expert: `shared_expert_dense` (gate /
+    intermediate / output Dense) → `shared_experts/{gate,up,down}_kernel [1, ...]`,
+    `shared_expert_gate_dense [d, 1]` → `shared_expert_gate/kernel`; the output is
+    routed + sigmoid(x · gate) · shared(x).
+    """
+
+    stock_block_class = QwenSparseMoeBlock
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.intermediate_dim,
+            block.top_k,
+            normalize_top_k=bool(block.norm_top_k_prob),
+            aux_loss_weight=block.router_aux_loss_coefficient,
+            overrides=overrides,
+            moe={
+                "num_shared_experts": 1,
+                "shared_expert_intermediate_size": block.intermediate_dim_shared,
+                "shared_expert_gate": True,
+            },
         )
-        block.expert_bank._expert_feedforward_output_dense.assign(bank.down_kernel)
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
+                   dtype=block.dtype_policy, name=name)
+
+    def call(self, hidden_states, attention_mask=None, training=None):
+        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
+
+    def load_stock_weights(self, block):
+        self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
+        self._assign_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
+
+    def write_stock_weights(self, block):
+        self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
+        self._write_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
+    """`Qwen3_5MoeSparseMoeBlock` computed sparsely.
+
+    Router `_router_gate [d, E]`, fused "halves" gate/up experts, top-k weights always
+    renormalised, and a gated shared expert (`shared_expert`, `_shared_expert_gate`)
+    mapped as in `QwenMoEBlock`. The decoder passes its padding mask `[B, S]`.
+    """
+
+    stock_block_class = Qwen3_5MoeSparseMoeBlock
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.moe_intermediate_dim,
+            block.top_k,
+            normalize_top_k=True,
+            aux_loss_weight=block.router_aux_loss_coefficient,
+            overrides=overrides,
+            moe={
+                "num_shared_experts": 1,
+                "shared_expert_intermediate_size": block.shared_expert_intermediate_size,
+                "shared_expert_gate": True,
+            },
+        )
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
+                   dtype=block.dtype_policy, name=name)
+
+    def call(self, hidden_states, attention_mask=None, training=None):
+        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
+
+    def load_stock_weights(self, block):
+        self._load_halves(block._router_gate, block.expert_bank)
+        self._assign_shared(block.shared_expert, block._shared_expert_gate)
+
+    def write_stock_weights(self, block):
+        self._write_halves(block._router_gate, block.expert_bank)
+        self._write_shared(block.shared_expert, block._shared_expert_gate)
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class GptOssMoEBlock(KerasHubMoEBlock, GptOssSparseMoeBlock):
+    """`GptOssSparseMoeBlock` computed sparsely.
+
+    Router Dense with bias (`router/router_dense` `[d, E]`, `[E]`) → `router_kernel`,
+    `router_bias`; top-k of the logits then softmax over the k, which equals
+    renormalised top-k softmax probabilities (`normalize_top_k`). Experts: the
+    interleaved fused `gate_up_proj [E, d, 2h]` and its bias `[E, 2h]` (gate = even
+    columns) → `gate_kernel`/`up_kernel`, `gate_bias`/`up_bias`; `down_proj [E, h, d]`
+    and `down_proj_bias [E, d]` → `down_kernel`, `down_bias`; the clamped gated unit
+    with the block's alpha and limit. keras-hub adds no balancing loss for GPT-OSS, so
+    the adapter adds none either (`aux_loss_weight=0`) unless an override asks.
+
+    `call` returns `(output, None)`: the decoder discards the second value (the stock
+    block's dense `[T, E]` routing weights).
+    """
+
+    stock_block_class = GptOssSparseMoeBlock
+
+    @classmethod
+    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.intermediate_dim,
+            block.top_k,
+            normalize_top_k=True,
+            aux_loss_weight=0.0,
+            overrides=overrides,
+            expert={
+                "ffn_type": "clamped_swiglu",
+                "use_bias": True,
+                "glu_alpha": float(block.experts.alpha),
+                "glu_limit": float(block.experts.limit),
+            },
+            gating={"use_router_bias": True},
+        )
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=False,
+                   dtype=block.dtype_policy, name=name)
+
+    def call(self, hidden_states, training=None):
+        return self._sparse_moe(hidden_states, None, training)
+
+    def load_stock_weights(self, block):
+        experts, router = block.experts, block.router.router_dense
+        gate, up = split_gate_up(_numpy(experts.gate_up_proj), "interleaved")
+        gate_bias, up_bias = split_gate_up(_numpy(experts.gate_up_proj_bias), "interleaved")
+        self._assign_routed_swiglu(router.kernel, gate, up, experts.down_proj)
+        self.moe.gating_network.router_bias.assign(router.bias)
+        bank = self.moe.experts
+        bank.gate_bias.assign(gate_bias)
+        bank.up_bias.assign(up_bias)
+        bank.down_bias.assign(experts.down_proj_bias)
+
+    def write_stock_weights(self, block):
+        experts, router, bank = block.experts, block.router.router_dense, self.moe.experts
+        router.kernel.assign(self.moe.gating_network.router_kernel)
+        router.bias.assign(self.moe.gating_network.router_bias)
+        experts.gate_up_proj.assign(fuse_gate_up(_numpy(bank.gate_kernel), _numpy(bank.up_kernel), "interleaved"))
+        experts.gate_up_proj_bias.assign(fuse_gate_up(_numpy(bank.gate_bias), _numpy(bank.up_bias), "interleaved"))
+        experts.down_proj.assign(bank.down_kernel)
+        experts.down_proj_bias.assign(bank.down_bias)
 
 
 # Stock backbone class → adapter class of its MoE blocks.
 _FAMILIES = {
     MixtralBackbone: MixtralMoEBlock,
+    QwenMoeBackbone: QwenMoEBlock,
     Qwen3MoeBackbone: Qwen3MoEBlock,
+    Qwen3_5MoeBackbone: Qwen3_5MoEBlock,
+    GptOssBackbone: GptOssMoEBlock,
 }
 _ADAPTER_OF_BLOCK = {adapter.stock_block_class: adapter for adapter in _FAMILIES.values()}
 
@@ -378,7 +565,13 @@ def _make_sparse_backbone_class(stock_cls):
 
     def get_config(self):
         config = stock_cls.get_config(self)
-        config["dl_moe_overrides"] = dict(self._dl_moe_overrides)
+        overrides = dict(self._dl_moe_overrides)
+        # Some keras-hub configs drop the balancing coefficient (QwenMoeBackbone's does),
+        # so a rebuilt stock block would carry the default; the adapters keep theirs.
+        weights = {layer.config.gating_config.aux_loss_weight for layer in moe_layers(self)}
+        if len(weights) == 1:
+            overrides.setdefault("aux_loss_weight", weights.pop())
+        config["dl_moe_overrides"] = overrides
         return config
 
     name = f"Sparse{stock_cls.__name__}"
