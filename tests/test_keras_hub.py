@@ -61,6 +61,13 @@ FAMILIES = {
         dict(num_query_heads=4, num_key_value_heads=2, hidden_dim=16, intermediate_dim=24, num_experts=4, top_k=2,
              head_dim=4, sliding_window=8),
     ),
+    "gemma4": (
+        keras_hub.models.Gemma4Backbone,
+        keras_hub.models.Gemma4CausalLM,
+        dict(image_size=16, num_query_heads=4, num_key_value_heads=2, hidden_dim=16, intermediate_dim=32, head_dim=8,
+             sliding_window_size=8, enable_moe_block=True, num_experts=4, expert_intermediate_dim=24,
+             num_experts_per_token=2),
+    ),
 }
 # keras-hub's GPT-OSS block adds no balancing loss (so neither does its adapter).
 HAS_AUX_LOSS = {"mixtral", "qwen3_moe", "qwen_moe", "qwen3_5_moe"}
@@ -71,13 +78,16 @@ def relative_error(actual, expected):
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12))
 
 
-def make_inputs(seed=0):
+def make_inputs(family, seed=0):
     rng = np.random.default_rng(seed)
     token_ids = rng.integers(1, VOCAB, size=(BATCH, SEQ)).astype("int32")
     padding_mask = np.ones((BATCH, SEQ), dtype=bool)
     padding_mask[1, 5:] = False  # a right-padded sequence
     token_ids[~padding_mask] = 0
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
+    inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+    if family == "gemma4":  # Gemma 4's backbone takes explicit positions
+        inputs["position_ids"] = np.tile(np.arange(SEQ, dtype="int32"), (BATCH, 1))
+    return inputs
 
 
 def build_pair(family):
@@ -87,16 +97,17 @@ def build_pair(family):
     stock_backbone = backbone_cls(vocabulary_size=VOCAB, num_layers=2, **kwargs)
     # Router kernels of keras-hub's initializers are tiny; spread the routing so that
     # every expert is used and a wrong assignment shows in the outputs.
+    # Vectors (biases, scales) get non-zero values too, so that their mapping is tested.
     rng = np.random.default_rng(1)
-    for variable in stock_backbone.weights:
-        if len(variable.shape) >= 2:
-            variable.assign(rng.normal(scale=0.3, size=variable.shape).astype("float32"))
-    stock = causal_lm_cls(backbone=stock_backbone)
+    for variable in stock_backbone.trainable_weights:
+        loc = 0.5 if len(variable.shape) == 1 else 0.0
+        variable.assign(rng.normal(loc, 0.3, size=variable.shape).astype("float32"))
+    stock = causal_lm_cls(backbone=stock_backbone, preprocessor=None)
     # From the constructor arguments: some keras-hub configs drop the balancing
     # coefficient (QwenMoeBackbone's), so `from_config` would not be the same model.
     twin_backbone = backbone_cls(vocabulary_size=VOCAB, num_layers=2, **kwargs)
     twin_backbone.set_weights(stock_backbone.get_weights())
-    sparse = integration.sparsify(causal_lm_cls(backbone=twin_backbone))
+    sparse = integration.sparsify(causal_lm_cls(backbone=twin_backbone, preprocessor=None))
     return stock, sparse
 
 
@@ -109,7 +120,7 @@ def test_sparsify_replaces_every_moe_block_by_type(pair):
     family, stock, sparse = pair
     assert integration.is_sparsified(sparse) and not integration.is_sparsified(stock)
     layers = integration.moe_layers(sparse)
-    assert [layer.name for layer in layers] == ["transformer_layer_0_moe", "transformer_layer_1_moe"]
+    assert [layer.name for layer in layers] == [f"{d.name}_moe" for d in sparse.backbone.transformer_layers]
     assert all(isinstance(layer, MixtureOfExperts) for layer in layers)
     assert all(not layer.config.drop_tokens for layer in layers)  # dropless by default
     stock_block_cls = integration._FAMILIES[type(stock.backbone)].stock_block_class
@@ -118,7 +129,7 @@ def test_sparsify_replaces_every_moe_block_by_type(pair):
 
 def test_backbone_and_logits_equal_stock(pair):
     family, stock, sparse = pair
-    inputs = make_inputs()
+    inputs = make_inputs(family)
     real = inputs["padding_mask"]
     hidden = ops.convert_to_numpy(sparse.backbone(inputs))
     expected_hidden = ops.convert_to_numpy(stock.backbone(inputs))
@@ -136,7 +147,7 @@ def moe_losses(model, inputs):
 
 def test_training_adds_the_stock_balancing_loss(pair):
     family, stock, sparse = pair
-    inputs = make_inputs(1)
+    inputs = make_inputs(family, 1)
     expected = moe_losses(stock, inputs)
     losses = moe_losses(sparse, inputs)
     if family not in HAS_AUX_LOSS:
@@ -147,22 +158,32 @@ def test_training_adds_the_stock_balancing_loss(pair):
     assert min(losses) > 0.0
 
 
+def greedy_without_cache(model, prompt, prompt_length):
+    """Greedy decoding by full forward passes (no cache): the reference for generate()."""
+    inputs = {k: np.array(v) for k, v in prompt.items()}
+    for position in range(prompt_length, SEQ):
+        inputs["padding_mask"][:, :position] = True
+        logits = ops.convert_to_numpy(model(inputs))
+        inputs["token_ids"][:, position] = np.argmax(logits[:, position - 1], axis=-1)
+    return inputs["token_ids"]
+
+
 def test_greedy_generate_gives_the_stock_tokens(pair):
     family, stock, sparse = pair
-    prompt = make_inputs(2)
-    prompt["padding_mask"][:, 3:] = False  # 3 prompt tokens, 5 generated
-    prompt["token_ids"][:, 3:] = 0
-    for model in (stock, sparse):
-        model.compile(sampler="greedy")
-    expected = stock.generate(dict(prompt), stop_token_ids=None)
-    tokens = sparse.generate(dict(prompt), stop_token_ids=None)
-    np.testing.assert_array_equal(ops.convert_to_numpy(tokens["token_ids"]), ops.convert_to_numpy(expected["token_ids"]))
-    assert np.all(ops.convert_to_numpy(tokens["padding_mask"]))
+    prompt_length = 3
+    prompt = make_inputs(family, 2)
+    prompt["padding_mask"][:, prompt_length:] = False  # 3 prompt tokens, 5 generated
+    prompt["token_ids"][:, prompt_length:] = 0
+    expected = greedy_without_cache(stock, prompt, prompt_length)
+    sparse.compile(sampler="greedy")
+    generated = sparse.generate(dict(prompt), stop_token_ids=None)  # cached decoding, compiled on TF/JAX
+    np.testing.assert_array_equal(ops.convert_to_numpy(generated["token_ids"]), expected)
+    assert np.all(ops.convert_to_numpy(generated["padding_mask"]))
 
 
 def test_keras_round_trip_and_weights_back_to_stock(pair, tmp_path):
     family, stock, sparse = pair
-    inputs = make_inputs(3)
+    inputs = make_inputs(family, 3)
     real = inputs["padding_mask"]
     expected = ops.convert_to_numpy(sparse(inputs))
     path = os.path.join(tmp_path, "sparse.keras")
@@ -189,10 +210,16 @@ def test_keras_round_trip_and_weights_back_to_stock(pair, tmp_path):
 def test_fit_lowers_the_loss_and_reports_routing(pair):
     family, stock, sparse = pair
     # A separate copy: training must not change the weights other tests compare.
-    model = type(sparse)(backbone=type(sparse.backbone).from_config(sparse.backbone.get_config()))
+    model = type(sparse)(backbone=type(sparse.backbone).from_config(sparse.backbone.get_config()), preprocessor=None)
     model.set_weights(sparse.get_weights())
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    inputs = make_inputs(4)
+    # One family trains compiled (XLA on JAX, tf.function+XLA on TF); the others eagerly,
+    # which is the same layer code and keeps the suite's time down.
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=family != "mixtral",
+    )
+    inputs = make_inputs(family, 4)
     x = {k: np.tile(v, (2, 1)) for k, v in inputs.items()}
     y = np.roll(x["token_ids"], -1, axis=1)
     monitor = RoutingMonitor()
@@ -200,7 +227,7 @@ def test_fit_lowers_the_loss_and_reports_routing(pair):
                         callbacks=[monitor])
     losses = history.history["loss"]
     assert losses[-1] < losses[0]
-    for name in ("transformer_layer_0_moe", "transformer_layer_1_moe"):
+    for name in [f"{d.name}_moe" for d in model.backbone.transformer_layers]:
         assert history.history[f"{name}_avg_experts"][-1] == pytest.approx(2.0)
         assert history.history[f"{name}_dropped"][-1] == 0.0
         assert monitor.expert_fractions[name][-1].shape == (4,)

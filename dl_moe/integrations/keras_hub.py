@@ -31,7 +31,8 @@ How it fits in:
   model's own coefficient (`aux_loss_weight`), over the same tokens; dl_moe's router
   z-loss is off unless an override turns it on.
 
-Supported families (keras-hub 0.32): Mixtral and Qwen3-MoE.
+Supported families (keras-hub 0.32): Mixtral, Qwen-MoE, Qwen3-MoE, Qwen3.5-MoE, GPT-OSS and
+Gemma 4 (its MoE variant, `enable_moe_block=True`).
 """
 
 import keras
@@ -44,6 +45,8 @@ from dl_moe.layer import MixtureOfExperts
 try:
     from keras_hub.src.models.backbone import Backbone
     from keras_hub.src.models.causal_lm import CausalLM
+    from keras_hub.src.models.gemma4.gemma4_backbone import Gemma4Backbone
+    from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
     from keras_hub.src.models.gpt_oss.gpt_oss_backbone import GptOssBackbone
     from keras_hub.src.models.gpt_oss.gpt_oss_decoder import GptOssSparseMoeBlock
     from keras_hub.src.models.mixtral.mixtral_backbone import MixtralBackbone
@@ -220,18 +223,29 @@ class KerasHubMoEBlock(keras.layers.Layer):
         return self.moe.gating_network.compute_gate_logits(ops.cast(tokens, "float32"))
 
     # Weight mapping: each subclass names the stock tensors of its family.
-    def load_stock_weights(self, block):
-        """Copies the weights of a stock block (built) into this adapter (built)."""
+    def load_stock_weights(self, block, parent):
+        """Copies the weights of a stock block (built; `parent` is its decoder) into this adapter."""
         raise NotImplementedError
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         """Copies this adapter's weights into a stock block (built)."""
         raise NotImplementedError
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
-        """An (unbuilt) adapter computing `block` with `overrides` (validated)."""
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
+        """An (unbuilt) adapter computing `block` of decoder `parent` with `overrides` (validated)."""
         raise NotImplementedError
+
+    @classmethod
+    def owned_stock_layers(cls, parent, block):
+        """The stock layers of `parent` whose weights the adapter takes over."""
+        return [block]
+
+    def attach(self, parent, attribute, block, copy_weights):
+        """Takes `block`'s place as `parent.<attribute>` (and its weights if `copy_weights`)."""
+        if copy_weights:
+            self.load_stock_weights(block, parent)
+        _rebind_sublayer(parent, attribute, self)
 
     def get_config(self):
         config = keras.layers.Layer.get_config(self)
@@ -258,7 +272,7 @@ class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
     stock_block_class = MixtralSparseMoeBlock
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
         config = _moe_config(
             block.num_experts,
             block.hidden_dim,
@@ -276,7 +290,7 @@ class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
         # attention_mask: the decoder's padding mask [B, S] (None in cached decoding).
         return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
-    def load_stock_weights(self, block):
+    def load_stock_weights(self, block, parent):
         bank = block.expert_bank
         self._assign_routed_swiglu(
             block._sparse_feedforward_gate_dense.kernel,
@@ -285,7 +299,7 @@ class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
             bank._expert_feedforward_output_dense,
         )
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         bank = self.moe.experts
         block._sparse_feedforward_gate_dense.kernel.assign(self.moe.gating_network.router_kernel)
         block.expert_bank._expert_feedforward_gate_dense.assign(bank.gate_kernel)
@@ -309,7 +323,7 @@ class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
     stock_block_class = Qwen3SparseMoeBlock
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
         config = _moe_config(
             block.num_experts,
             block.hidden_dim,
@@ -325,10 +339,10 @@ class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
     def call(self, hidden_states, attention_mask=None, training=None):
         return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
-    def load_stock_weights(self, block):
+    def load_stock_weights(self, block, parent):
         self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
 
 
@@ -346,7 +360,7 @@ class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
     stock_block_class = QwenSparseMoeBlock
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
         config = _moe_config(
             block.num_experts,
             block.hidden_dim,
@@ -367,11 +381,11 @@ class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
     def call(self, hidden_states, attention_mask=None, training=None):
         return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
-    def load_stock_weights(self, block):
+    def load_stock_weights(self, block, parent):
         self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
         self._assign_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
         self._write_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
 
@@ -388,7 +402,7 @@ class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
     stock_block_class = Qwen3_5MoeSparseMoeBlock
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
         config = _moe_config(
             block.num_experts,
             block.hidden_dim,
@@ -409,11 +423,11 @@ class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
     def call(self, hidden_states, attention_mask=None, training=None):
         return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
 
-    def load_stock_weights(self, block):
+    def load_stock_weights(self, block, parent):
         self._load_halves(block._router_gate, block.expert_bank)
         self._assign_shared(block.shared_expert, block._shared_expert_gate)
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         self._write_halves(block._router_gate, block.expert_bank)
         self._write_shared(block.shared_expert, block._shared_expert_gate)
 
@@ -438,7 +452,7 @@ class GptOssMoEBlock(KerasHubMoEBlock, GptOssSparseMoeBlock):
     stock_block_class = GptOssSparseMoeBlock
 
     @classmethod
-    def from_stock_block(cls, block, overrides, name, moe_name, return_router_logits):
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
         config = _moe_config(
             block.num_experts,
             block.hidden_dim,
@@ -461,7 +475,7 @@ class GptOssMoEBlock(KerasHubMoEBlock, GptOssSparseMoeBlock):
     def call(self, hidden_states, training=None):
         return self._sparse_moe(hidden_states, None, training)
 
-    def load_stock_weights(self, block):
+    def load_stock_weights(self, block, parent):
         experts, router = block.experts, block.router.router_dense
         gate, up = split_gate_up(_numpy(experts.gate_up_proj), "interleaved")
         gate_bias, up_bias = split_gate_up(_numpy(experts.gate_up_proj_bias), "interleaved")
@@ -472,7 +486,7 @@ class GptOssMoEBlock(KerasHubMoEBlock, GptOssSparseMoeBlock):
         bank.up_bias.assign(up_bias)
         bank.down_bias.assign(experts.down_proj_bias)
 
-    def write_stock_weights(self, block):
+    def write_stock_weights(self, block, parent):
         experts, router, bank = block.experts, block.router.router_dense, self.moe.experts
         router.kernel.assign(self.moe.gating_network.router_kernel)
         router.bias.assign(self.moe.gating_network.router_bias)
@@ -482,6 +496,86 @@ class GptOssMoEBlock(KerasHubMoEBlock, GptOssSparseMoeBlock):
         experts.down_proj_bias.assign(bank.down_bias)
 
 
+@keras.saving.register_keras_serializable(package="dl_moe")
+class Gemma4RouterInputs(keras.layers.Layer):
+    """Takes the place of `Gemma4Router` in a sparsified decoder: returns its input
+    `[B, S, d]` as tokens `[T, d]`, which the decoder hands to the expert bank as the
+    second argument (the stock router's `[T, E]` dispatch weights). Routing happens
+    inside the `Gemma4MoEAdapter`'s `MixtureOfExperts`. No weights."""
+
+    def call(self, x):
+        return ops.reshape(x, (-1, ops.shape(x)[-1]))
+
+    def compute_output_shape(self, input_shape):
+        return (None, input_shape[-1])
+
+
+@keras.saving.register_keras_serializable(package="dl_moe")
+class Gemma4MoEAdapter(KerasHubMoEBlock, Gemma4MoEBlock):
+    """Gemma 4's MoE path (`moe_router` + `moe_expert_bank`) computed sparsely.
+
+    The Gemma 4 decoder routes on the raw hidden states and runs the experts on
+    `pre_ffw_norm_moe(x)`. The adapter replaces the expert bank and the router is
+    replaced by `Gemma4RouterInputs`, so the bank receives `(normed tokens, raw tokens)`
+    and calls `MixtureOfExperts(normed, router_inputs=raw)`.
+
+    Weights: router `proj [d, E]` → `router_kernel`, `per_dim_scale [d]` →
+    `router_input_scale` (the "rmsnorm_linear" router: unscaled RMS norm, 1/sqrt(d),
+    per-dimension weight, linear, softmax, top-k, renormalise); experts
+    `gate_proj`/`up_proj [E, d, h]`, `down_proj [E, h, d]`, `per_expert_scale [E]` →
+    `gate_kernel`, `up_kernel`, `down_kernel`, `expert_scale` (tanh-GeLU gated).
+    keras-hub adds no balancing loss for Gemma 4, so neither does the adapter (unless
+    an override sets `aux_loss_weight`).
+    """
+
+    stock_block_class = Gemma4MoEBlock
+
+    @classmethod
+    def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
+        router = parent.moe_router
+        config = _moe_config(
+            block.num_experts,
+            block.hidden_dim,
+            block.expert_intermediate_dim,
+            router.num_experts_per_token,
+            normalize_top_k=True,
+            aux_loss_weight=0.0,
+            overrides=overrides,
+            expert={"ffn_type": "geglu_tanh", "use_expert_scale": True},
+            gating={"gating_type": "rmsnorm_linear", "router_norm_epsilon": float(router.layer_norm_epsilon)},
+        )
+        return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=False,
+                   dtype=block.dtype_policy, name=name)
+
+    @classmethod
+    def owned_stock_layers(cls, parent, block):
+        return [block, parent.moe_router]
+
+    def attach(self, parent, attribute, block, copy_weights):
+        super().attach(parent, attribute, block, copy_weights)
+        _rebind_sublayer(parent, "moe_router", Gemma4RouterInputs(dtype=self.dtype_policy, name="moe_router_inputs"))
+
+    def call(self, x, dispatch_weights):
+        # x: pre_ffw_norm_moe(h) as tokens [T, d]; dispatch_weights: h itself as tokens
+        # [T, d] (from Gemma4RouterInputs), which the router sees.
+        return self.moe(x, router_inputs=dispatch_weights)
+
+    def load_stock_weights(self, block, parent):
+        router = parent.moe_router
+        self._assign_routed_swiglu(router.proj.kernel, block.gate_proj, block.up_proj, block.down_proj)
+        self.moe.gating_network.router_input_scale.assign(router.per_dim_scale)
+        self.moe.experts.expert_scale.assign(block.per_expert_scale)
+
+    def write_stock_weights(self, block, parent):
+        router, bank = parent.moe_router, self.moe.experts
+        router.proj.kernel.assign(self.moe.gating_network.router_kernel)
+        router.per_dim_scale.assign(self.moe.gating_network.router_input_scale)
+        block.gate_proj.assign(bank.gate_kernel)
+        block.up_proj.assign(bank.up_kernel)
+        block.down_proj.assign(bank.down_kernel)
+        block.per_expert_scale.assign(bank.expert_scale)
+
+
 # Stock backbone class → adapter class of its MoE blocks.
 _FAMILIES = {
     MixtralBackbone: MixtralMoEBlock,
@@ -489,6 +583,7 @@ _FAMILIES = {
     Qwen3MoeBackbone: Qwen3MoEBlock,
     Qwen3_5MoeBackbone: Qwen3_5MoEBlock,
     GptOssBackbone: GptOssMoEBlock,
+    Gemma4Backbone: Gemma4MoEAdapter,
 }
 _ADAPTER_OF_BLOCK = {adapter.stock_block_class: adapter for adapter in _FAMILIES.values()}
 
@@ -531,14 +626,12 @@ def _swap_blocks(backbone, overrides, copy_weights):
     for parent, attribute, block in found:
         wants_logits = bool(getattr(parent, "output_router_logits", False))
         adapter = adapter_cls.from_stock_block(
-            block, overrides, name=f"{parent.name}_moe_block", moe_name=f"{parent.name}_moe",
+            block, parent, overrides, name=f"{parent.name}_moe_block", moe_name=f"{parent.name}_moe",
             return_router_logits=wants_logits,
         )
         with keras.name_scope(parent.name):  # weights under the decoder's path, like the stock block's
             adapter.build()
-        if copy_weights:
-            adapter.load_stock_weights(block)
-        _rebind_sublayer(parent, attribute, adapter)
+        adapter.attach(parent, attribute, block, copy_weights)
     if keras.backend.backend() == "torch":
         _refresh_torch_params(backbone)
     return len(found)
@@ -681,7 +774,9 @@ def unsparsify(model):
     adapter_cls = _FAMILIES[stock_cls]
     adapters = _find_blocks(backbone, (adapter_cls,))
     blocks = _find_blocks(stock, (adapter_cls.stock_block_class,))
-    moe_ids = {id(v) for _, _, layer in adapters + blocks for v in layer.weights}
+    moe_layers_ = [adapter for _, _, adapter in adapters]
+    moe_layers_ += [layer for parent, _, block in blocks for layer in adapter_cls.owned_stock_layers(parent, block)]
+    moe_ids = {id(v) for layer in moe_layers_ for v in layer.weights}
     others = [v for v in backbone.weights if id(v) not in moe_ids]
     stock_others = [v for v in stock.weights if id(v) not in moe_ids]
     if len(others) != len(stock_others):
@@ -690,8 +785,8 @@ def unsparsify(model):
         if tuple(source.shape) != tuple(target.shape):
             raise ValueError(f"Weights do not line up: {source.path} {source.shape} vs {target.path} {target.shape}.")
         target.assign(source)
-    for (_, _, adapter), (_, _, block) in zip(adapters, blocks):
-        adapter.write_stock_weights(block)
+    for (_, _, adapter), (parent, _, block) in zip(adapters, blocks):
+        adapter.write_stock_weights(block, parent)
     if isinstance(model, CausalLM):
         return type(model)(backbone=stock, preprocessor=model.preprocessor)
     return stock
