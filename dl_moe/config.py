@@ -585,6 +585,9 @@ class MoEConfig(_CheckedConfig):
         shared_expert_gate: The shared FFN's output is multiplied per token by
             sigmoid(x W_g), with a learned `shared_expert_gate/kernel [d, 1]`
             (Qwen-MoE, Qwen3.5-MoE); needs num_shared_experts >= 1.
+        scale_expert_inputs: Llama 4: the routing weight multiplies the token *before*
+            its expert (expert(w * x)) and the expert's output is added unweighted,
+            instead of w * expert(x). Needs top_k=1 with a token-choice router.
         expert_parallel: Constrain the `[E, C, d]` capacity-mode dispatch buffers to the
             mesh axis that shards the expert weights (see `dl_moe.distribution`), so
             XLA moves tokens to their experts' devices with an all-to-all. Has an
@@ -608,6 +611,7 @@ class MoEConfig(_CheckedConfig):
     num_shared_experts: int = _field(0, _non_negative_int)
     shared_expert_intermediate_size: Optional[int] = _field(None, _positive_int(optional=True))
     shared_expert_gate: bool = _field(False, _boolean)
+    scale_expert_inputs: bool = _field(False, _boolean)
     expert_parallel: bool = _field(False, _boolean)
 
     def __post_init__(self):
@@ -658,6 +662,15 @@ class MoEConfig(_CheckedConfig):
                         f"MoEConfig.{name}={getattr(self, name)!r} needs num_shared_experts >= 1, got "
                         f"num_shared_experts={self.num_shared_experts}."
                     )
+        if self.scale_expert_inputs and (
+            self.gating_config.top_k != 1 or layout == "example"
+            or getattr(gating_cls, "routing_kind", "token_choice") != "token_choice"
+        ):
+            raise ValueError(
+                "MoEConfig.scale_expert_inputs=True needs top_k=1 with a token-choice router and token "
+                f"experts, got top_k={self.gating_config.top_k}, gating_type={self.gating_config.gating_type!r}, "
+                f"expert_type={self.expert_config.expert_type!r}."
+            )
         if getattr(gating_cls, "reads_expert_groups", False):
             if self.hierarchical_routing:
                 raise ValueError(

@@ -237,17 +237,31 @@ class MixtureOfExperts(keras.layers.Layer):
 
         # Dispatch.
         plan, slice_counts = self._plan(indices, active, training)
-        expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
+        dispatched, combine_weights = tokens, weights
+        if self.config.scale_expert_inputs:
+            dispatched, combine_weights = self._weight_inputs(tokens, weights, active)
+        expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(dispatched, plan), plan)  # [G, R, d]
 
         # Experts.
         expert_outputs = self._run_experts(expert_inputs, plan, inputs, mask, training, slice_counts)
 
         # Combine.
-        outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
+        outputs = dispatch_lib.combine(expert_outputs, plan, combine_weights)  # [T, ...o]
         kept = plan.kept & active
         fully_dropped = ops.any(active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
         self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training, weights=weights, indices=indices)
         return self._finish(outputs, tokens, fully_dropped, leading_shape, mask, training)
+
+    @staticmethod
+    def _weight_inputs(tokens, weights, active):
+        """`scale_expert_inputs` (Llama 4): tokens `[T, d]` * their one weight `[T, 1]`,
+        and combine weights of 1 for the active assignments."""
+        if weights.shape[-1] != 1:
+            raise ValueError(
+                f"MoEConfig.scale_expert_inputs=True needs one expert per token, the router gave {weights.shape[-1]}."
+            )
+        scaled = tokens * ops.cast(weights, tokens.dtype)
+        return scaled, ops.cast(active, weights.dtype)
 
     def _call_expert_choice(self, inputs, training, mask):
         """Expert choice: each expert computes exactly the C tokens it picked."""

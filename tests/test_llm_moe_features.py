@@ -386,12 +386,14 @@ def test_sigmoid_router_matches_deepseek_v3_reference(case):
     np.testing.assert_allclose(layer_output(layer, x), ref, atol=ATOL, rtol=1e-5)
 
 
-def test_llama4_routing_top1_sigmoid_with_shared_expert():
-    # Llama 4: top-1, weight = sigmoid(best logit), plus one shared expert.
+@pytest.mark.parametrize("scale_inputs", [True, False])
+def test_llama4_routing_top1_sigmoid_with_shared_expert(scale_inputs):
+    # Llama 4: top-1, weight s = sigmoid(best logit), expert(s * x) + shared(x).
+    # With scale_expert_inputs=False the same router gives s * expert(x) + shared(x).
     x = np.random.default_rng(8).normal(size=(24, D)).astype("float32")
     layer = dl_moe.create_ffn_moe(
         num_experts=E, hidden_dim=D, top_k=1, gating_type="sigmoid", intermediate_size=H, ffn_type="swiglu",
-        use_bias=False, num_shared_experts=1, drop_tokens=False,
+        use_bias=False, num_shared_experts=1, drop_tokens=False, scale_expert_inputs=scale_inputs,
     )
     layer.build(x.shape)
     randomize(layer, scale=1.0)
@@ -405,11 +407,21 @@ def test_llama4_routing_top1_sigmoid_with_shared_expert():
         gate = xt @ w[prefix + "gate_kernel"][e]
         return (gate * sigmoid(gate) * (xt @ w[prefix + "up_kernel"][e])) @ w[prefix + "down_kernel"][e]
 
+    def routed(xt, s, e):
+        return swiglu(s * xt, "experts/", e) if scale_inputs else s * swiglu(xt, "experts/", e)
+
     ref = np.stack([
-        sigmoid(l.max()) * swiglu(xt, "experts/", l.argmax()) + swiglu(xt, "shared_experts/", 0)
+        routed(xt, sigmoid(l.max()), l.argmax()) + swiglu(xt, "shared_experts/", 0)
         for xt, l in zip(x.astype("float64"), logits)
     ])
     np.testing.assert_allclose(layer_output(layer, x), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_scale_expert_inputs_needs_top_1():
+    with pytest.raises(ValueError, match="scale_expert_inputs"):
+        dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, top_k=2, scale_expert_inputs=True)
+    with pytest.raises(ValueError, match="scale_expert_inputs"):
+        dl_moe.create_ffn_moe(num_experts=E, hidden_dim=D, top_k=1, gating_type="softmoe", scale_expert_inputs=True)
 
 
 def test_all_options_capacity_mask_compiled_fit_and_round_trip(tmp_path):

@@ -45,7 +45,8 @@ class SigmoidGating(LinearGating):
 
     DeepSeek-V3: E=256, k=8, G=8, top_k_groups=4, normalize_top_k=True,
     routed_scaling_factor=2.5, aux-free balancing, one shared expert. Llama 4: k=1,
-    normalize_top_k=False (weight = sigmoid of the best logit), one shared expert.
+    normalize_top_k=False (weight = sigmoid of the best logit), one shared expert and
+    `MoEConfig.scale_expert_inputs=True` (the weight scales the expert's input).
 
     Args:
         num_experts: E.
