@@ -265,3 +265,28 @@ def test_bad_models_and_overrides_raise():
     with pytest.raises(ValueError, match="Backbone or CausalLM"):
         integration.sparsify(keras.Sequential([keras.layers.Dense(2)]))
     assert not integration.is_sparsified(stock)  # a failed call leaves the model stock
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="SPMD sharding with keras.distribution is implemented by the JAX backend; runs in the JAX session",
+)
+def test_expert_parallel_sparsified_model_trains_like_one_device(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
+    completed = subprocess.run(
+        [sys.executable, os.path.join(root, "tests", "keras_hub_expert_parallel.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    assert result["gate_kernel_shard_shape"] == [2, 16, 32]  # 8 experts over the 4-way expert axis
+    assert result["router_shard_shape"] == [16, 8]  # replicated
+    np.testing.assert_allclose(result["expert_parallel"], result["single"], atol=1e-4)
+    assert result["single"][-1] < result["single"][0]
