@@ -585,7 +585,6 @@ _FAMILIES = {
     GptOssBackbone: GptOssMoEBlock,
     Gemma4Backbone: Gemma4MoEAdapter,
 }
-_ADAPTER_OF_BLOCK = {adapter.stock_block_class: adapter for adapter in _FAMILIES.values()}
 
 
 # ---------------------------------------------------------------- block search/swap
