@@ -683,8 +683,8 @@ class MoEConfig(_CheckedConfig):
         if not self.hierarchical_routing:
             if self.num_expert_groups is not None or self.top_k_groups != 1:
                 raise ValueError(
-                    "MoEConfig.num_expert_groups / top_k_groups are only used with "
-                    f"hierarchical_routing=True or gating_type='sigmoid', got num_expert_groups={self.num_expert_groups!r}, "
+                    "MoEConfig.num_expert_groups / top_k_groups are only used with hierarchical_routing=True "
+                    f"or gating_type='sigmoid', got num_expert_groups={self.num_expert_groups!r}, "
                     f"top_k_groups={self.top_k_groups!r}."
                 )
             return
