@@ -13,7 +13,7 @@ from typing import Optional
 
 from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 
-FFN_TYPES = ("mlp", "swiglu", "geglu")
+FFN_TYPES = ("mlp", "swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
 ROUTING_DTYPES = ("float32", "bfloat16", "float16")
 CONV_PADDINGS = ("same", "valid")
 MAX_ROUTING_LEVELS = 2
@@ -230,10 +230,17 @@ class ExpertConfig(_CheckedConfig):
         output_dim: Width of the layer's output; None means `hidden_dim`.
         intermediate_size: Hidden width h of each FFN expert; None means 4 * hidden_dim.
         ffn_type: "mlp" (act(x W_up) W_down), "swiglu" (silu(x W_gate) * x W_up, then
-            W_down) or "geglu" (gelu instead of silu).
+            W_down), "geglu" (exact gelu instead of silu), "geglu_tanh" (tanh-approximated
+            gelu, Gemma) or "clamped_swiglu" (GPT-OSS: g = min(x W_gate, limit),
+            u = clip(x W_up, -limit, limit), (u + 1) * g * sigmoid(alpha * g), then W_down).
         activation: Activation of the "mlp" variant (any Keras activation name).
         dropout_rate: Dropout on the expert's hidden activations, in training only.
         use_bias: Whether expert matmuls add a bias.
+        glu_alpha: "clamped_swiglu": alpha of g * sigmoid(alpha * g) (None: 1.702).
+        glu_limit: "clamped_swiglu": clamp limit of the gate and up projections
+            (None: 7.0).
+        use_expert_scale: Each routed expert's output is multiplied by its own learned
+            scalar `expert_scale [E]` (initialised to 1; Gemma 4).
         num_heads: Attention experts: query heads per expert (None: 8, or fewer so that
             it divides hidden_dim).
         head_dim: Attention experts: width of each head (None: hidden_dim // num_heads).
@@ -259,6 +266,9 @@ class ExpertConfig(_CheckedConfig):
     activation: str = _field("gelu", _activation)
     dropout_rate: float = _field(0.0, _probability)
     use_bias: bool = _field(True, _boolean)
+    glu_alpha: Optional[float] = _field(None, _positive_float(optional=True))
+    glu_limit: Optional[float] = _field(None, _positive_float(optional=True))
+    use_expert_scale: bool = _field(False, _boolean)
     num_heads: Optional[int] = _field(None, _positive_int(optional=True))
     head_dim: Optional[int] = _field(None, _positive_int(optional=True))
     filters: Optional[int] = _field(None, _positive_int(optional=True))
@@ -281,6 +291,16 @@ class ExpertConfig(_CheckedConfig):
                     f"ExpertConfig.{name}={value!r} is only used by expert_type in {readers}, "
                     f"got expert_type={self.expert_type!r}."
                 )
+        for name in ("glu_alpha", "glu_limit"):
+            if getattr(self, name) is not None and self.ffn_type != "clamped_swiglu":
+                raise ValueError(
+                    f"ExpertConfig.{name}={getattr(self, name)!r} is only used by ffn_type='clamped_swiglu', "
+                    f"got ffn_type={self.ffn_type!r}."
+                )
+        if self.use_expert_scale and not getattr(cls, "supports_expert_scale", False):
+            raise ValueError(
+                f"ExpertConfig.use_expert_scale=True needs expert_type='ffn', got expert_type={self.expert_type!r}."
+            )
         if hasattr(cls, "validate_expert_config"):
             cls.validate_expert_config(self)
 
@@ -370,7 +390,13 @@ class GatingConfig(_CheckedConfig):
         learnable_temperature: Cosine and Soft MoE routers learn their logit scale.
         num_slots: Soft MoE slots per expert (None: ceil(sequence_length / num_experts)).
         normalize_top_k: Renormalise the selected top-k weights to sum to 1 (Mixtral).
-            Dynamic-k routers renormalise over their active experts.
+            Dynamic-k routers renormalise over their active experts. With a softmax
+            router this equals a softmax over the k selected logits (GPT-OSS's
+            top-k-then-softmax); False keeps the raw probabilities (Qwen3-MoE's
+            `norm_top_k_prob=False`).
+        use_router_bias: The router adds a learned bias `router_bias [E]` to its logits
+            (GPT-OSS). Routers that compute logits as x W ("linear", "sigmoid",
+            "rmsnorm_linear") read it.
         balancing: "aux_loss" (Switch loss weighted by `aux_loss_weight`), "aux_free"
             (DeepSeek-V3: a per-expert bias, non-trainable router state, is added to the
             scores for expert *selection only* and updated in every training call by
@@ -410,6 +436,10 @@ class GatingConfig(_CheckedConfig):
             capacity is sized for, C = ceil(cf * T * expected_experts / E) (None: the
             router's default, see its `expected_k`). Set it to a measured
             `avg_experts_per_token` to shrink the expert buffers.
+        routed_scaling_factor: "sigmoid": multiplies the routing weights after the
+            optional renormalisation (DeepSeek-V3's routed_scaling_factor; None: 1.0).
+        router_norm_epsilon: "rmsnorm_linear": epsilon of the router's RMS norm
+            (None: 1e-6).
     """
 
     gating_type: str = _field("linear", _registered(GATING_TYPES))
@@ -438,11 +468,14 @@ class GatingConfig(_CheckedConfig):
     bidirectional_strength: Optional[float] = _field(None, _unit_interval(optional=True))
     ensemble_members: Optional[list] = _field(None, _ensemble_members)
     expected_experts: Optional[float] = _field(None, _at_least_one(optional=True))
+    use_router_bias: bool = _field(False, _boolean)
+    routed_scaling_factor: Optional[float] = _field(None, _positive_float(optional=True))
+    router_norm_epsilon: Optional[float] = _field(None, _positive_float(optional=True))
 
     ROUTER_SPECIFIC_FIELDS = (
         "top_p_threshold", "max_experts", "min_experts", "threshold_low", "threshold_high",
         "difficulty_loss_weight", "layer_depth_scale", "bidirectional_strength",
-        "ensemble_members", "expected_experts",
+        "ensemble_members", "expected_experts", "routed_scaling_factor", "router_norm_epsilon",
     )
 
     def validate(self):
@@ -457,6 +490,12 @@ class GatingConfig(_CheckedConfig):
                     f"GatingConfig.{name}={value!r} is only used by gating_type in {readers}, "
                     f"got gating_type={self.gating_type!r}."
                 )
+        if self.use_router_bias and not getattr(cls, "supports_router_bias", False):
+            readers = [t for t in GATING_TYPES.names() if getattr(GATING_TYPES.get(t), "supports_router_bias", False)]
+            raise ValueError(
+                f"GatingConfig.use_router_bias=True is only used by gating_type in {readers}, "
+                f"got gating_type={self.gating_type!r}."
+            )
         low = 0.3 if self.threshold_low is None else self.threshold_low
         high = 0.7 if self.threshold_high is None else self.threshold_high
         if low >= high:
@@ -529,6 +568,8 @@ class MoEConfig(_CheckedConfig):
             `num_expert_groups` groups of consecutive experts, then an expert router picks
             `top_k` experts inside the chosen groups (p(e) = p(group) * p(e | group)).
             Uses the `gating_type` router class for both levels; token-choice only.
+            (The "sigmoid" router's group-limited selection reads `num_expert_groups`
+            and `top_k_groups` without hierarchical routing.)
         num_routing_levels: Levels of the routing tree; only 2 (groups, then experts) is
             implemented, so any other value is a `ValueError`.
         num_expert_groups: Hierarchical routing: number of expert groups (must divide
@@ -538,6 +579,15 @@ class MoEConfig(_CheckedConfig):
         num_shared_experts: DeepSeekMoE shared experts: every token also goes through a
             dense FFN equal to this many FFN experts (hidden width
             num_shared_experts * intermediate_size), added to the routed output. 0 disables.
+        shared_expert_intermediate_size: Hidden width of that shared FFN when it differs
+            from num_shared_experts * intermediate_size (Qwen-MoE's
+            shared_expert_intermediate_size); needs num_shared_experts >= 1.
+        shared_expert_gate: The shared FFN's output is multiplied per token by
+            sigmoid(x W_g), with a learned `shared_expert_gate/kernel [d, 1]`
+            (Qwen-MoE, Qwen3.5-MoE); needs num_shared_experts >= 1.
+        scale_expert_inputs: Llama 4: the routing weight multiplies the token *before*
+            its expert (expert(w * x)) and the expert's output is added unweighted,
+            instead of w * expert(x). Needs top_k=1 with a token-choice router.
         expert_parallel: Constrain the `[E, C, d]` capacity-mode dispatch buffers to the
             mesh axis that shards the expert weights (see `dl_moe.distribution`), so
             XLA moves tokens to their experts' devices with an all-to-all. Has an
@@ -559,6 +609,9 @@ class MoEConfig(_CheckedConfig):
     num_expert_groups: Optional[int] = _field(None, _positive_int(optional=True))
     top_k_groups: int = _field(1, _positive_int())
     num_shared_experts: int = _field(0, _non_negative_int)
+    shared_expert_intermediate_size: Optional[int] = _field(None, _positive_int(optional=True))
+    shared_expert_gate: bool = _field(False, _boolean)
+    scale_expert_inputs: bool = _field(False, _boolean)
     expert_parallel: bool = _field(False, _boolean)
 
     def __post_init__(self):
@@ -602,11 +655,36 @@ class MoEConfig(_CheckedConfig):
                 f"{self.expert_config.expert_type!r} (shared experts are FFNs over [..., d] "
                 f"tokens), got {self.num_shared_experts}."
             )
+        if not self.num_shared_experts:
+            for name, unset in (("shared_expert_intermediate_size", None), ("shared_expert_gate", False)):
+                if getattr(self, name) != unset:
+                    raise ValueError(
+                        f"MoEConfig.{name}={getattr(self, name)!r} needs num_shared_experts >= 1, got "
+                        f"num_shared_experts={self.num_shared_experts}."
+                    )
+        if self.scale_expert_inputs and (
+            self.gating_config.top_k != 1 or layout == "example"
+            or getattr(gating_cls, "routing_kind", "token_choice") != "token_choice"
+        ):
+            raise ValueError(
+                "MoEConfig.scale_expert_inputs=True needs top_k=1 with a token-choice router and token "
+                f"experts, got top_k={self.gating_config.top_k}, gating_type={self.gating_config.gating_type!r}, "
+                f"expert_type={self.expert_config.expert_type!r}."
+            )
+        if getattr(gating_cls, "reads_expert_groups", False):
+            if self.hierarchical_routing:
+                raise ValueError(
+                    f"MoEConfig.hierarchical_routing=True is not supported by gating_type="
+                    f"{self.gating_config.gating_type!r} (it has its own group-limited selection: set "
+                    "num_expert_groups and top_k_groups instead)."
+                )
+            gating_cls.validate_expert_groups(self)
+            return
         if not self.hierarchical_routing:
             if self.num_expert_groups is not None or self.top_k_groups != 1:
                 raise ValueError(
-                    "MoEConfig.num_expert_groups / top_k_groups are only used with "
-                    f"hierarchical_routing=True, got num_expert_groups={self.num_expert_groups!r}, "
+                    "MoEConfig.num_expert_groups / top_k_groups are only used with hierarchical_routing=True "
+                    f"or gating_type='sigmoid', got num_expert_groups={self.num_expert_groups!r}, "
                     f"top_k_groups={self.top_k_groups!r}."
                 )
             return

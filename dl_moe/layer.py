@@ -8,7 +8,7 @@ from keras import ops
 from dl_moe import forward as forward_lib
 from dl_moe import statistics
 from dl_moe.config import MoEConfig
-from dl_moe.experts.ffn import FFNExpertBank
+from dl_moe.experts.shared import SharedExpertGate, shared_expert_bank
 from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 
 
@@ -32,6 +32,10 @@ class MixtureOfExperts(keras.layers.Layer):
         training: Training mode (noise, dropout, `train_capacity_factor`, losses).
         mask: Optional boolean `[...]` (Keras masking). Masked tokens take no capacity,
             are ignored by losses and statistics, and output zeros.
+        router_inputs: Optional `[..., d]` tensor the router sees instead of `inputs`
+            (same shape), for models that route on other features than the experts
+            compute on (Gemma 4 routes the block's input, its experts see a normalised
+            copy). Token-choice routing of FFN-style experts only.
 
     Returns:
         `[..., output_dim]`.
@@ -81,6 +85,10 @@ class MixtureOfExperts(keras.layers.Layer):
         row_features = tuple(input_shape[1:]) if self.experts.token_layout == "example" else (hidden_dim,)
         self.experts.build((None, None) + row_features)
         self.shared_experts = self._build_shared_experts(hidden_dim) if self.config.num_shared_experts else None
+        self.shared_expert_gate = None
+        if self.config.shared_expert_gate:
+            self.shared_expert_gate = SharedExpertGate(dtype=self.dtype_policy, name="shared_expert_gate")
+            self.shared_expert_gate.build((None, hidden_dim))
         statistics.create_statistics(self, self.config.num_experts)
         self.built = True
 
@@ -103,25 +111,15 @@ class MixtureOfExperts(keras.layers.Layer):
             )
 
     def _build_shared_experts(self, hidden_dim):
-        """n shared FFN experts of width h == one FFN of width n*h (stacked hidden axis)."""
-        expert = self.config.expert_config
-        shared_experts = FFNExpertBank(
-            num_experts=1,
-            intermediate_size=self.config.num_shared_experts * expert.resolved_intermediate_size,
-            output_dim=self.experts.compute_output_shape((None, None, hidden_dim))[-1],
-            ffn_type=expert.ffn_type,
-            activation=expert.activation,
-            dropout_rate=expert.dropout_rate,
-            use_bias=expert.use_bias,
-            dtype=self._bank_dtype_policy("shared_experts"),
-            name="shared_experts",
-        )
+        """The shared FFN (see `dl_moe.experts.shared.shared_expert_bank`)."""
+        output_dim = self.experts.compute_output_shape((None, None, hidden_dim))[-1]
+        shared_experts = shared_expert_bank(self.config, output_dim, dtype=self._bank_dtype_policy("shared_experts"))
         shared_experts.build((None, None, hidden_dim))
         return shared_experts
 
     # ------------------------------------------------------------------- call
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, router_inputs=None):
         dtype = keras.backend.standardize_dtype(inputs.dtype)
         if "float" not in dtype:
             # Integer inputs are almost always token ids that missed an Embedding.
@@ -134,7 +132,22 @@ class MixtureOfExperts(keras.layers.Layer):
                 f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
                 "and does not take a Keras mask."
             )
+        if router_inputs is not None:
+            self._check_router_inputs(inputs, router_inputs)
+            return self._forward.forward(self, inputs, training, mask, router_inputs=router_inputs)
         return self._forward.forward(self, inputs, training, mask)
+
+    def _check_router_inputs(self, inputs, router_inputs):
+        """`router_inputs` needs token-choice routing, token-layout experts and `[..., d]`."""
+        if self._gating_cls.routing_kind != "token_choice" or self.experts.token_layout != "token":
+            raise ValueError(
+                f"router_inputs needs a token-choice router and FFN-style experts, got gating_type="
+                f"{self.config.gating_config.gating_type!r}, expert_type={self.config.expert_config.expert_type!r}."
+            )
+        if tuple(router_inputs.shape) != tuple(inputs.shape):
+            raise ValueError(
+                f"router_inputs must have the shape of inputs {tuple(inputs.shape)}, got {tuple(router_inputs.shape)}."
+            )
 
     def add_loss(self, loss):
         """Registers `loss` as float32 (Keras sums it with the float32 model loss), so a

@@ -38,7 +38,7 @@ def test_nested_dicts_are_accepted():
     [
         (lambda v: ExpertConfig(hidden_dim=v), "hidden_dim", 0, "a positive integer"),
         (lambda v: ExpertConfig(intermediate_size=v), "intermediate_size", -4, "a positive integer or None"),
-        (lambda v: ExpertConfig(ffn_type=v), "ffn_type", "relu_glu", "['mlp', 'swiglu', 'geglu']"),
+        (lambda v: ExpertConfig(ffn_type=v), "ffn_type", "relu_glu", "['mlp', 'swiglu', 'geglu', 'geglu_tanh', 'clamped_swiglu']"),
         (lambda v: ExpertConfig(expert_type=v), "expert_type", "transformer", "one of ["),
         (lambda v: ExpertConfig(activation=v), "activation", "no_such_activation", "Keras activation"),
         (lambda v: ExpertConfig(dropout_rate=v), "dropout_rate", 1.0, "[0, 1)"),

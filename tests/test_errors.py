@@ -37,7 +37,7 @@ def _tamper(src, dst, edit):
     "edit, message",
     [
         (lambda c: c["gating_config"].update(gating_type="bogus"), r"GatingConfig.gating_type must be one of \[.*'linear'.*\], got 'bogus'"),
-        (lambda c: c["expert_config"].update(ffn_type="relu2"), r"ExpertConfig.ffn_type must be one of \['mlp', 'swiglu', 'geglu'\], got 'relu2'"),
+        (lambda c: c["expert_config"].update(ffn_type="relu2"), r"ExpertConfig.ffn_type must be one of \['mlp', 'swiglu', 'geglu', 'geglu_tanh', 'clamped_swiglu'\], got 'relu2'"),
         (lambda c: c["gating_config"].update(top_k=9), r"top_k must be between 1 and num_experts=4, got 9"),
         (lambda c: c.update(train_capacity_factor=-1), r"MoEConfig.train_capacity_factor must be a finite number > 0, got -1"),
         (lambda c: c.update(surprise=1), r"Unknown MoEConfig field\(s\) \['surprise'\]"),

@@ -10,6 +10,13 @@ from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
 
 GLU_GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
+DEFAULT_GLU_ALPHA = 1.702
+DEFAULT_GLU_LIMIT = 7.0
+
+
+def gelu_tanh(x):
+    """The tanh approximation of gelu (Gemma's `gelu(approximate=True)`)."""
+    return keras.activations.gelu(x, approximate=True)
 
 
 def stacked_kernel_initializer(num_experts):
@@ -31,9 +38,16 @@ class FFNExpertBank(ExpertBank):
                 y = act(x W_up + b_up) W_down + b_down
     * "swiglu": `gate_kernel [E, d, h]`, `up_kernel [E, d, h]`, `down_kernel [E, h, o]`;
                 y = (silu(x W_gate) * (x W_up)) W_down
-    * "geglu":  as "swiglu" with gelu.
+    * "geglu":  as "swiglu" with (exact) gelu; "geglu_tanh": with tanh-approximated gelu.
+    * "clamped_swiglu" (GPT-OSS): the "swiglu" weights;
+                g = min(x W_gate + b_gate, limit), u = clip(x W_up + b_up, -limit, limit),
+                y = ((u + 1) * g * sigmoid(alpha * g)) W_down + b_down
 
-    Biases (`use_bias`) are `[E, h]` / `[E, o]`. Dropout acts on the hidden activations.
+    Biases (`use_bias`) are `gate_bias`/`up_bias [E, h]` and `down_bias [E, o]`. With
+    `use_expert_scale` each expert's output is multiplied by `expert_scale [E]`
+    (Gemma 4's per-expert scale). Dropout acts on the hidden activations. Fused
+    checkpoint tensors `[E, d, 2h]` split into `gate_kernel`/`up_kernel` with
+    `dl_moe.experts.fused.split_gate_up`.
 
     Int8 quantization (`bank.quantize("int8")`, reached by `model.quantize("int8")` and
     `MixtureOfExperts.quantize("int8")`) is weight-only: each kernel becomes an int8,
@@ -52,7 +66,12 @@ class FFNExpertBank(ExpertBank):
         activation: Activation of "mlp" (Keras activation name).
         dropout_rate: Dropout on the hidden activations in training.
         use_bias: Add biases.
+        glu_alpha: "clamped_swiglu" alpha (None: 1.702).
+        glu_limit: "clamped_swiglu" clamp limit (None: 7.0).
+        use_expert_scale: Multiply expert e's output by a learned `expert_scale[e]`.
     """
+
+    supports_expert_scale = True
 
     def __init__(
         self,
@@ -63,11 +82,21 @@ class FFNExpertBank(ExpertBank):
         activation="gelu",
         dropout_rate=0.0,
         use_bias=True,
+        glu_alpha=None,
+        glu_limit=None,
+        use_expert_scale=False,
         **kwargs,
     ):
         super().__init__(num_experts, **kwargs)
         if ffn_type not in FFN_TYPES:
             raise ValueError(f"ffn_type must be one of {list(FFN_TYPES)}, got {ffn_type!r}.")
+        if (glu_alpha is not None or glu_limit is not None) and ffn_type != "clamped_swiglu":
+            raise ValueError(
+                f"glu_alpha/glu_limit are only used by ffn_type='clamped_swiglu', got ffn_type={ffn_type!r}."
+            )
+        self.glu_alpha = glu_alpha
+        self.glu_limit = glu_limit
+        self.use_expert_scale = bool(use_expert_scale)
         self.intermediate_size = intermediate_size
         self.output_dim = output_dim
         self.ffn_type = ffn_type
@@ -76,7 +105,9 @@ class FFNExpertBank(ExpertBank):
         self.use_bias = use_bias
         if ffn_type == "mlp":
             self._hidden_activation = keras.activations.get(activation)
-        else:
+        elif ffn_type == "geglu_tanh":
+            self._hidden_activation = gelu_tanh
+        elif ffn_type != "clamped_swiglu":
             self._hidden_activation = keras.activations.get(GLU_GATE_ACTIVATIONS[ffn_type])
         # Dropout without a sub-layer: `model.quantize` only visits leaf layers.
         self.seed_generator = keras.random.SeedGenerator() if dropout_rate > 0 else None
@@ -92,6 +123,9 @@ class FFNExpertBank(ExpertBank):
             activation=expert.activation,
             dropout_rate=expert.dropout_rate,
             use_bias=expert.use_bias,
+            glu_alpha=expert.glu_alpha,
+            glu_limit=expert.glu_limit,
+            use_expert_scale=expert.use_expert_scale,
             dtype=dtype,
             name=name,
         )
@@ -113,6 +147,8 @@ class FFNExpertBank(ExpertBank):
                 self.gate_bias = self.add_weight(name="gate_bias", shape=(e, h), initializer="zeros")
             self.up_bias = self.add_weight(name="up_bias", shape=(e, h), initializer="zeros")
             self.down_bias = self.add_weight(name="down_bias", shape=(e, out), initializer="zeros")
+        if self.use_expert_scale:
+            self.expert_scale = self.add_weight(name="expert_scale", shape=(e,), initializer="ones")
         self._input_dim = d
         self.built = True
 
@@ -123,9 +159,11 @@ class FFNExpertBank(ExpertBank):
         return shapes + [("up_kernel", (e, d, h)), ("down_kernel", (e, h, out))]
 
     def _bias_names(self):
+        """Names of the float, never-quantized weights: biases and the expert scale."""
+        scale = ["expert_scale"] if self.use_expert_scale else []
         if not self.use_bias:
-            return []
-        return (["gate_bias"] if self.ffn_type != "mlp" else []) + ["up_bias", "down_bias"]
+            return scale
+        return (["gate_bias"] if self.ffn_type != "mlp" else []) + ["up_bias", "down_bias"] + scale
 
     def _project(self, x, kernel, bias, group_expert, scale=None):
         """x `[G, R, a]` @ kernel of each group's expert `[G, a, b]` (+ bias `[G, 1, b]`).
@@ -173,18 +211,32 @@ class FFNExpertBank(ExpertBank):
             scale = getattr(self, name + "_kernel_scale") if quantized else None
             return self._project(x, getattr(self, name + "_kernel"), bias, group_expert, scale)
 
-        return self._ffn_body(inputs, project, training)
+        outputs = self._ffn_body(inputs, project, training)  # [G, R, o]
+        if self.use_expert_scale:
+            scale = self.expert_scale if group_expert is None else ops.take(self.expert_scale, group_expert, axis=0)
+            outputs = outputs * ops.reshape(ops.cast(scale, outputs.dtype), (-1, 1, 1))
+        return outputs
 
     def _ffn_body(self, inputs, project, training):
         """The FFN on `inputs`, with `project(x, name)` applying the "gate"/"up"/"down" matrix."""
         up = project(inputs, "up")  # [..., h]
         if self.ffn_type == "mlp":
             hidden = self._hidden_activation(up)
+        elif self.ffn_type == "clamped_swiglu":
+            hidden = self._clamped_swiglu(project(inputs, "gate"), up)
         else:
             hidden = self._hidden_activation(project(inputs, "gate")) * up
         if training and self.dropout_rate > 0:
             hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
         return project(hidden, "down")  # [..., o]
+
+    def _clamped_swiglu(self, gate, up):
+        """GPT-OSS's gated unit: (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+        alpha = DEFAULT_GLU_ALPHA if self.glu_alpha is None else self.glu_alpha
+        limit = DEFAULT_GLU_LIMIT if self.glu_limit is None else self.glu_limit
+        gate = ops.minimum(gate, limit)
+        up = ops.clip(up, -limit, limit)
+        return (up + 1.0) * gate * ops.sigmoid(alpha * gate)
 
     # Rows that arrive as contiguous per-expert slices (eager PyTorch, see
     # dl_moe.backend_fast_paths) run as one plain matmul per expert.
@@ -223,8 +275,12 @@ class FFNExpertBank(ExpertBank):
 
             return project
 
+        def expert_ffn(piece, expert):
+            y = self._ffn_body(piece, project_with(expert), training)
+            return y * ops.cast(self.expert_scale[expert], y.dtype) if self.use_expert_scale else y
+
         outputs = [
-            self._ffn_body(piece, project_with(expert), training)
+            expert_ffn(piece, expert)
             for expert, (piece, count) in enumerate(zip(pieces, slice_counts))
             if count > 0
         ]
@@ -354,6 +410,9 @@ class FFNExpertBank(ExpertBank):
                 "activation": self.activation,
                 "dropout_rate": self.dropout_rate,
                 "use_bias": self.use_bias,
+                "glu_alpha": self.glu_alpha,
+                "glu_limit": self.glu_limit,
+                "use_expert_scale": self.use_expert_scale,
             }
         )
         return config

@@ -64,11 +64,14 @@ def run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts
 
 
 def add_shared_experts(layer, tokens, outputs, training):
-    """outputs `[T, o]` + the shared experts' output on every token `[T, d]`."""
+    """outputs `[T, o]` + the shared experts' output on every token `[T, d]`, times the
+    per-token sigmoid gate `[T, 1]` with `shared_expert_gate`."""
     if layer.shared_experts is None:
         return outputs
-    shared = layer.shared_experts(ops.expand_dims(tokens, 0), training=training)  # [1, T, o]
-    return outputs + ops.cast(shared[0], outputs.dtype)
+    shared = layer.shared_experts(ops.expand_dims(tokens, 0), training=training)[0]  # [T, o]
+    if layer.shared_expert_gate is not None:
+        shared = shared * layer.shared_expert_gate(tokens)
+    return outputs + ops.cast(shared, outputs.dtype)
 
 
 def zero_masked(outputs, mask):

@@ -26,22 +26,31 @@ DYNAMIC_DROPLESS_BLOCK = 64
 build_router = common.build_router
 
 
-def forward(layer, inputs, training, mask):
-    """`[..., d]` → `[..., o]`; every token's k assignments computed unless dropped."""
+def forward(layer, inputs, training, mask, router_inputs=None):
+    """`[..., d]` → `[..., o]`; every token's k assignments computed unless dropped.
+
+    `router_inputs` (`inputs`' shape): what the router sees instead of `inputs`.
+    """
     tokens, token_mask, leading_shape = flatten_tokens(layer, inputs, mask)
 
     # Route.
-    weights, indices, active, info = route(layer, tokens, training, token_mask)  # [T, k]
+    router_tokens = None
+    if router_inputs is not None:
+        router_tokens = ops.reshape(ops.cast(router_inputs, tokens.dtype), ops.shape(tokens))
+    weights, indices, active, info = route(layer, tokens, training, token_mask, router_tokens)  # [T, k]
 
     # Dispatch.
     plan, slice_counts = choose_plan(layer, indices, active, training)
-    expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
+    dispatched, combine_weights = tokens, weights
+    if layer.config.scale_expert_inputs:
+        dispatched, combine_weights = weight_expert_inputs(tokens, weights, active)
+    expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(dispatched, plan), plan)  # [G, R, d]
 
     # Experts.
     expert_outputs = run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts)
 
     # Combine.
-    outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
+    outputs = dispatch_lib.combine(expert_outputs, plan, combine_weights)  # [T, ...o]
     fully_dropped = ops.any(active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
 
     if training:
@@ -62,14 +71,26 @@ def routing_decision(layer, inputs, training, mask):
     return decision
 
 
-def route(layer, tokens, training, token_mask):
-    """Routes tokens `[T, ...]`.
+def weight_expert_inputs(tokens, weights, active):
+    """`scale_expert_inputs` (Llama 4): tokens `[T, d]` times their one weight `[T, 1]`,
+    and combine weights of 1 for the active assignments, so the output is expert(w * x)."""
+    if weights.shape[-1] != 1:
+        raise ValueError(
+            f"MoEConfig.scale_expert_inputs=True needs one expert per token, the router gave {weights.shape[-1]}."
+        )
+    return tokens * ops.cast(weights, tokens.dtype), ops.cast(active, weights.dtype)
+
+
+def route(layer, tokens, training, token_mask, router_tokens=None):
+    """Routes tokens `[T, ...]` (or, when given, `router_tokens [T, d]` in their place).
 
     Returns:
         `(weights [T, k], indices [T, k] int32, active [T, k] bool, info)`: `active` is
         False for unused dynamic-k slots and masked tokens, whose weights are zero.
     """
-    weights, indices, info = call_token_router(layer, layer.experts.router_inputs(tokens), training, token_mask)
+    if router_tokens is None:
+        router_tokens = layer.experts.router_inputs(tokens)
+    weights, indices, info = call_token_router(layer, router_tokens, training, token_mask)
     active = info.get("active")
     active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
     if token_mask is not None:

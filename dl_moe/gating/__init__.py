@@ -8,6 +8,8 @@ from dl_moe.gating.ensemble import EnsembleGating
 from dl_moe.gating.expert_choice import ExpertChoiceGating
 from dl_moe.gating.linear import LinearGating
 from dl_moe.gating.resonance import ResonanceGating
+from dl_moe.gating.rmsnorm_linear import RMSNormLinearGating
+from dl_moe.gating.sigmoid import SigmoidGating
 from dl_moe.gating.soft_moe import SoftMoEGating
 from dl_moe.gating.top_any import TopAnyGating
 from dl_moe.gating.top_p import TopPGating
@@ -23,6 +25,8 @@ GATING_TYPES.register("confidence", ConfidenceGating)
 GATING_TYPES.register("top_any", TopAnyGating)
 GATING_TYPES.register("resonance", ResonanceGating)
 GATING_TYPES.register("ensemble", EnsembleGating)
+GATING_TYPES.register("sigmoid", SigmoidGating)
+GATING_TYPES.register("rmsnorm_linear", RMSNormLinearGating)
 
 
 def register_gating(name, cls, overwrite=False):
@@ -49,7 +53,9 @@ __all__ = [
     "EnsembleGating",
     "ExpertChoiceGating",
     "LinearGating",
+    "RMSNormLinearGating",
     "ResonanceGating",
+    "SigmoidGating",
     "SoftMoEGating",
     "TopAnyGating",
     "TopPGating",

@@ -26,6 +26,11 @@ class LinearGating(BaseGating):
         noise_std: Scale of the noisy top-k noise.
         jitter_noise: Multiplicative input jitter in training (0 disables it).
         seed: Seed of the noise generator.
+        use_router_bias: Add a learned bias `router_bias [E]` (zeros at first) to
+            the logits, before the temperature (GPT-OSS's router is a Dense with bias).
+
+    With `normalize_top_k=True` the weights equal a softmax over the k selected
+    logits, so GPT-OSS's "top-k of the logits, then softmax" is this router too.
 
     Call returns `(weights [..., k], indices [..., k], info)` with `info` keys
     `gate_logits [..., E]` (before the noisy top-k noise) and `raw_gate_probs [..., E]`
@@ -33,6 +38,7 @@ class LinearGating(BaseGating):
     """
 
     supports_bias_balancing = True
+    supports_router_bias = True
 
     def __init__(
         self,
@@ -44,9 +50,11 @@ class LinearGating(BaseGating):
         noise_std=1.0,
         jitter_noise=0.0,
         seed=None,
+        use_router_bias=False,
         **kwargs,
     ):
         super().__init__(num_experts, top_k, jitter_noise=jitter_noise, seed=seed, **kwargs)
+        self.use_router_bias = bool(use_router_bias)
         self.temperature = float(temperature)
         self.normalize_top_k = normalize_top_k
         self.add_noise = add_noise
@@ -61,17 +69,25 @@ class LinearGating(BaseGating):
             normalize_top_k=gating.normalize_top_k,
             add_noise=gating.add_noise,
             noise_std=gating.noise_std,
+            use_router_bias=gating.use_router_bias,
             **cls.common_kwargs(config, name),
         )
 
     def build(self, input_shape):
         super().build(input_shape)
+        if self.use_router_bias:
+            self.router_bias = self.add_weight(name="router_bias", shape=(self.num_experts,), initializer="zeros")
         if self.add_noise:
             self.noise_kernel = self.add_weight(
                 name="noise_kernel",
                 shape=(input_shape[-1], self.num_experts),
                 initializer="zeros",
             )
+
+    def compute_gate_logits(self, inputs):
+        """Router logits `[..., E]` = inputs @ router_kernel (+ router_bias)."""
+        logits = super().compute_gate_logits(inputs)
+        return logits + self.router_bias if self.use_router_bias else logits
 
     def call(self, inputs, training=None):
         x = self.apply_jitter(inputs, training)
@@ -93,6 +109,7 @@ class LinearGating(BaseGating):
                 "normalize_top_k": self.normalize_top_k,
                 "add_noise": self.add_noise,
                 "noise_std": self.noise_std,
+                "use_router_bias": self.use_router_bias,
             }
         )
         return config

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
@@ -441,8 +442,15 @@ def memory_table(cases, kinds=("moe", "dense")):
 
 
 def main(argv=None):
-    """`dl-moe bench` / `python benchmarks/throughput.py`."""
+    """`dl-moe bench` / `python benchmarks/throughput.py`; `dl-moe bench --keras-hub ...`
+    runs the keras-hub model benchmark instead (dl_moe/tools/bench_keras_hub.py)."""
     import argparse
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--keras-hub"]:
+        from dl_moe.tools.bench_keras_hub import main as keras_hub_main
+
+        return keras_hub_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="dl-moe bench", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="a,b,c", help="comma-separated case names among a, b, c")
@@ -450,6 +458,7 @@ def main(argv=None):
     parser.add_argument("--scaling", action="store_true", help="also time cost vs E and vs T")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     parser.add_argument("--output", help="write results as JSON to this path")
+    parser.add_argument("--keras-hub", action="store_true", help="benchmark keras-hub MoE models instead (first option)")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
