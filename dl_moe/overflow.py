@@ -33,7 +33,6 @@ from keras import ops
 
 from dl_moe.dispatch import _sort_assignments, _unsort, static_dim
 
-OVERFLOW_MODES = ("drop", "reroute")
 
 
 class RerouteDecision(NamedTuple):
