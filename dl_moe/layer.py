@@ -7,6 +7,7 @@ import numpy as np
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe import overflow as overflow_lib
 from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
     dropless_buffer_capacity,
@@ -147,6 +148,8 @@ class MixtureOfExperts(keras.layers.Layer):
         self.last_z_loss = stat("last_z_loss")
         self.last_importance_loss = stat("last_importance_loss")
         self.last_entropy_loss = stat("last_entropy_loss")
+        # Only with rerouting, so the variable layout of other layers' files is unchanged.
+        self.rerouted_assignments = stat("rerouted_assignments") if self.config.overflow == "reroute" else None
         self.built = True
 
     # ------------------------------------------------------------------- call
@@ -217,17 +220,32 @@ class MixtureOfExperts(keras.layers.Layer):
             active = active & ops.expand_dims(token_mask, -1)
         weights = ops.where(active, weights, ops.zeros_like(weights))
 
+        # Overflow rerouting: a new decision whose kept assignments fit the capacity.
+        routed_active, reroute = active, None
+        if self.config.overflow == "reroute":
+            reroute, dispatch_weights = overflow_lib.reroute_routing(
+                weights, indices, active, info.get("raw_gate_probs"), self.config.num_experts,
+                self._capacity(indices, training), self.config.reroute_attempts,
+            )
+            dispatch_indices, active = reroute.expert_index, reroute.kept
+        else:
+            dispatch_indices, dispatch_weights = indices, weights
+
         # Dispatch.
-        plan, slice_counts = self._plan(indices, active, training)
+        plan, slice_counts = self._plan(dispatch_indices, active, training)
         expert_inputs = self._place_on_expert_devices(dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
 
         # Experts.
         expert_outputs = self._run_experts(expert_inputs, plan, inputs, mask, training, slice_counts)
 
         # Combine.
-        outputs = dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
+        outputs = dispatch_lib.combine(expert_outputs, plan, dispatch_weights)  # [T, ...o]
         kept = plan.kept & active
-        fully_dropped = ops.any(active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
+        fully_dropped = ops.any(routed_active, axis=-1) & ~ops.any(kept, axis=-1)  # [T]
+        if reroute is not None:
+            # Losses and statistics see the load the router chose, before rerouting.
+            plan = plan._replace(routed_per_expert=reroute.routed_per_expert)
+            self.rerouted_assignments.assign_add(ops.sum(ops.cast(reroute.rerouted, "float32")))
         self._add_losses_and_stats(info, plan, token_mask, fully_dropped, training, weights=weights, indices=indices)
         return self._finish(outputs, tokens, fully_dropped, leading_shape, mask, training)
 
@@ -367,14 +385,23 @@ class MixtureOfExperts(keras.layers.Layer):
             else:
                 block = self.config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
             return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
+        capacity = self._capacity(indices, training)
+        if isinstance(capacity, int) and slices:
+            if capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
+                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
+        return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+
+    def _capacity(self, indices, training):
+        """C rows per expert for `[T, k]` assignments in capacity mode (an int, or a
+        scalar tensor when T is only known at run time)."""
+        num_experts = self.config.num_experts
+        num_tokens = dispatch_lib.static_dim(indices, 0)
+        # See `_plan` on `expected_k`.
+        top_k = min(getattr(self.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
         capacity_factor = self.config.capacity_factor(bool(training))
         if isinstance(num_tokens, int):
-            capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-            if slices and capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
-                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
-        else:
-            capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-        return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+            return dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+        return dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
 
     def add_loss(self, loss):
         """Registers `loss` as float32 (Keras sums it with the float32 model loss), so a
@@ -463,7 +490,8 @@ class MixtureOfExperts(keras.layers.Layer):
             dict with `expert_fraction` (numpy `[E]`, as `get_expert_utilization`),
             `avg_experts_per_token`, `dropped_fraction` (share of routed assignments not
             computed), `dropped_token_fraction` (share of tokens with every assignment
-            dropped), `load_cv` (coefficient of variation of the per-expert load),
+            dropped), `rerouted_fraction` (share of routed assignments that
+            `overflow="reroute"` moved to another expert; 0 otherwise), `load_cv` (coefficient of variation of the per-expert load),
             `tokens`, when computed in training the unscaled `aux_loss`, `z_loss`,
             `importance_loss`, `entropy_loss`, and with `balancing="aux_free"` the
             router's current `expert_bias` (numpy `[E]`).
@@ -477,6 +505,7 @@ class MixtureOfExperts(keras.layers.Layer):
             "avg_experts_per_token": total / tokens if tokens > 0 else 0.0,
             "dropped_fraction": float(1.0 - processed.sum() / total) if total > 0 else 0.0,
             "dropped_token_fraction": float(ops.convert_to_numpy(self.dropped_tokens)) / tokens if tokens > 0 else 0.0,
+            "rerouted_fraction": self._rerouted_fraction(total),
             "load_cv": float(routed.std() / routed.mean()) if total > 0 else 0.0,
             "tokens": tokens,
             "aux_loss": float(ops.convert_to_numpy(self.last_aux_loss)),
@@ -485,6 +514,11 @@ class MixtureOfExperts(keras.layers.Layer):
             "entropy_loss": float(ops.convert_to_numpy(self.last_entropy_loss)),
             **self._bias_stats(),
         }
+
+    def _rerouted_fraction(self, routed_total):
+        if self.rerouted_assignments is None or routed_total <= 0:
+            return 0.0
+        return float(ops.convert_to_numpy(self.rerouted_assignments)) / routed_total
 
     def _bias_stats(self):
         bias = getattr(self.gating_network, "selection_bias", lambda: None)()
@@ -564,7 +598,7 @@ class MixtureOfExperts(keras.layers.Layer):
             self.last_z_loss,
             self.last_importance_loss,
             self.last_entropy_loss,
-        ):
+        ) + ((self.rerouted_assignments,) if self.rerouted_assignments is not None else ()):
             variable.assign(ops.zeros(variable.shape, variable.dtype))
 
     def compute_output_shape(self, input_shape):

@@ -160,3 +160,30 @@ def rerouted_weights(weights, scores, original_index, decision):
     scale = ops.cast(new, weights.dtype) / ops.cast(ops.maximum(old, 1e-9), weights.dtype)
     moved_weights = ops.where(decision.rerouted, weights * scale, weights)
     return ops.where(decision.kept, moved_weights, ops.zeros_like(weights))
+
+
+def reroute_routing(weights, indices, active, scores, num_experts, capacity, max_attempts=None):
+    """The router's `[T, k]` decision with its overflow rerouted.
+
+    Args:
+        weights: `[T, k]` combine weights (zero where inactive).
+        indices: `[T, k]` experts.
+        active: `[T, k]` bool.
+        scores: `[T, E]` router probabilities: they rank the fallbacks and give a moved
+            assignment its weight (`rerouted_weights`).
+        num_experts: E.
+        capacity: C.
+        max_attempts: See `reroute_overflow`.
+
+    Returns:
+        `(decision, weights)`: the `RerouteDecision` and the `[T, k]` weights, zero for
+        assignments that stay dropped.
+    """
+    if scores is None:
+        raise ValueError(
+            "MoEConfig.overflow='reroute' needs a router that reports its probabilities over all experts "
+            "(info['raw_gate_probs'] [T, E]) to rank the fallback experts."
+        )
+    scores = ops.cast(scores, "float32")
+    decision = reroute_overflow(indices, active, preference_order(scores, num_experts), num_experts, capacity, max_attempts)
+    return decision, rerouted_weights(weights, scores, indices, decision)

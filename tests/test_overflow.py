@@ -130,3 +130,69 @@ def test_rerouted_weights_take_the_new_experts_probability():
         ops.convert_to_tensor(indices), decision,
     )
     np.testing.assert_allclose(numpy_of(weights)[:, 0], [1.0, 0.3 / 0.6, 0.2 / 0.7], atol=1e-6)
+
+
+# ------------------------------------------------------------------ the layer
+
+def layer_case(skew=1.5):
+    """T=48 tokens, E=4, k=2, C=ceil(1.0*48*2/4)=24 rows; inputs pushed towards expert 0."""
+    import dl_moe
+
+    layer = dl_moe.create_ffn_moe(
+        4, 8, top_k=2, intermediate_size=16, capacity_factor=1.0, overflow="reroute", aux_loss_weight=0.0,
+        z_loss_weight=0.0, name="moe",
+    )
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(48, 8)).astype("float32")
+    layer.build(x.shape)
+    kernel = rng.normal(size=(8, 4)).astype("float32")
+    kernel[:, 0] += skew * x.mean(0) / np.linalg.norm(x.mean(0)) ** 2
+    layer.gating_network.router_kernel.assign(kernel)
+    return layer, x
+
+
+def test_layer_reroutes_like_the_reference_compiled_and_round_trips(tmp_path):
+    """One compiled fit (XLA on JAX/TF), then the compiled forward and the statistics
+    of one evaluation against the reference with the trained weights."""
+    from tests import reference
+
+    layer, x = layer_case()
+    inputs = keras.Input((8,), batch_size=48)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=keras.backend.backend() != "torch")
+    model.fit(x, x, epochs=1, batch_size=48, verbose=0)
+    layer.reset_routing_stats()
+    model.evaluate(x, x, batch_size=48, verbose=0)
+    stats = layer.get_routing_stats()
+    out = model.predict(x, batch_size=48, verbose=0)
+
+    w = reference.weights_of(layer)
+    probs = reference.softmax(x.astype("float64") @ w["router_kernel"])
+    _, indices = reference.top_k_decision(probs, 2, False)
+    cap = reference.capacity(48, 2, 4, 1.0)
+    new_index, kept, rerouted = reference_reroute(indices, np.ones_like(indices, bool), probs, cap)
+    assert rerouted.sum() > 0 and not kept.all(), "the case must reroute and still drop"
+    want = np.zeros_like(x, dtype="float64")
+    for t in range(48):
+        for j in range(2):
+            if kept[t, j]:
+                e = new_index[t, j]
+                want[t] += probs[t, e] * reference.ffn_expert(w, e, x[t : t + 1], "mlp")[0]
+    fully_dropped = ~kept.any(-1)
+    want[fully_dropped] = x[fully_dropped]
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    assert stats["rerouted_fraction"] == pytest.approx(rerouted.sum() / 96)
+    assert stats["dropped_fraction"] == pytest.approx(1 - kept.sum() / 96)
+    routed = np.array([(indices == e).sum() for e in range(4)]) / 96
+    np.testing.assert_allclose(stats["expert_fraction"], routed)  # the router's choice, not the moved load
+    # Dropping instead would lose more.
+    drop = reference.assign_with_capacity(indices, np.ones_like(indices, bool), 4, cap)[0]
+    assert (1 - drop.sum() / 96) > stats["dropped_fraction"]
+
+    path = str(tmp_path / "reroute.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert restored.get_layer("moe").config.overflow == "reroute"
+    np.testing.assert_allclose(restored.predict(x, batch_size=48, verbose=0), out, atol=1e-6)
+    layer.reset_routing_stats()
+    assert layer.get_routing_stats()["rerouted_fraction"] == 0.0
