@@ -31,8 +31,7 @@ def make_layer(overflow, capacity_factor, num_experts, top_k, hidden_dim, interm
 
 
 def routing_shares(layer, x):
-    layer.reset_routing_stats()
-    layer(x, training=True)
+    layer(x, training=True)  # builds the layer; statistics of this one call
     stats = layer.get_routing_stats()
     return stats["dropped_fraction"], stats.get("rerouted_fraction", 0.0), stats["load_cv"]
 

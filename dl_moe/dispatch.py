@@ -413,3 +413,40 @@ def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
     outputs = ops.segment_sum(rows * weights, target, num_segments=num_tokens + 1, sorted=False)[:num_tokens]
     hits = ops.segment_sum(ops.ones_like(target), target, num_segments=num_tokens + 1, sorted=False)[:num_tokens]
     return outputs, hits
+
+
+def dispatch_soft(groups, dispatch_weights, num_experts):
+    """Soft MoE dispatch: every slot is a weighted mix of its group's tokens.
+
+    Args:
+        groups: `[B, S, d]` tokens, one group per sequence.
+        dispatch_weights: `[B, S, E*P]` weights of each token in each of the E*P slots
+            (P slots per expert; a softmax over the S tokens).
+        num_experts: E.
+
+    Returns:
+        `[E, B*P, d]` expert buffers: expert e's rows are its P slots of every group.
+    """
+    hidden_dim = groups.shape[-1]
+    slots = ops.matmul(ops.transpose(ops.cast(dispatch_weights, groups.dtype), (0, 2, 1)), groups)  # [B, E*P, d]
+    num_groups = ops.shape(slots)[0]
+    slots = ops.reshape(slots, (num_groups, num_experts, -1, hidden_dim))  # [B, E, P, d]
+    return ops.reshape(ops.transpose(slots, (1, 0, 2, 3)), (num_experts, -1, hidden_dim))
+
+
+def combine_soft(expert_outputs, combine_weights):
+    """Soft MoE combine: every token is a weighted mix of all slot outputs of its group.
+
+    Args:
+        expert_outputs: `[E, B*P, o]` outputs of the expert bank on `dispatch_soft` buffers.
+        combine_weights: `[B, S, E*P]` weights of each slot for each token (a softmax
+            over the E*P slots).
+
+    Returns:
+        `[B, S, o]`.
+    """
+    num_experts, output_dim = expert_outputs.shape[0], expert_outputs.shape[-1]
+    num_groups = ops.shape(combine_weights)[0]
+    slots = ops.reshape(expert_outputs, (num_experts, num_groups, -1, output_dim))  # [E, B, P, o]
+    slots = ops.reshape(ops.transpose(slots, (1, 0, 2, 3)), (num_groups, -1, output_dim))  # [B, E*P, o]
+    return ops.matmul(ops.cast(combine_weights, slots.dtype), slots)

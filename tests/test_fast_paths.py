@@ -13,8 +13,8 @@ from dl_moe import backend_fast_paths, dispatch
 from tests import reference
 from tests.layer_checks import BACKEND, trainable_gradients
 
-SLICES_SWITCH = "dl_moe.layer.torch_eager_slices_enabled"
-CAPACITY_SLICES_SWITCH = "dl_moe.layer.capacity_slices_pay_off"
+SLICES_SWITCH = "dl_moe.forward.token_choice.torch_eager_slices_enabled"
+CAPACITY_SLICES_SWITCH = "dl_moe.forward.token_choice.capacity_slices_pay_off"
 
 
 def randomized_layer(x, seed=1, **kwargs):

@@ -196,3 +196,26 @@ def test_layer_reroutes_like_the_reference_compiled_and_round_trips(tmp_path):
     np.testing.assert_allclose(restored.predict(x, batch_size=48, verbose=0), out, atol=1e-6)
     layer.reset_routing_stats()
     assert layer.get_routing_stats()["rerouted_fraction"] == 0.0
+
+
+def test_eager_torch_slices_run_the_rerouted_decision_like_the_buffers(monkeypatch):
+    if keras.backend.backend() != "torch":
+        pytest.skip("the per-expert slice fast path exists in eager PyTorch only")
+    from dl_moe.forward import token_choice
+
+    layer, x = layer_case()
+    buffers = numpy_of(layer(ops.convert_to_tensor(x), training=True))
+    used = []
+    real_plan = token_choice.dispatch_lib.plan_ragged_dispatch
+
+    def ragged(*args, **kwargs):
+        used.append(True)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(token_choice, "capacity_slices_pay_off", lambda loads, capacity: True)
+    monkeypatch.setattr(token_choice.dispatch_lib, "plan_ragged_dispatch", ragged)
+    layer.reset_routing_stats()
+    slices = numpy_of(layer(ops.convert_to_tensor(x), training=True))
+    assert used, "the slice path must have run"
+    np.testing.assert_allclose(slices, buffers, atol=1e-5)
+    assert layer.get_routing_stats()["rerouted_fraction"] > 0

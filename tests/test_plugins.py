@@ -9,6 +9,7 @@ from keras import ops
 
 from dl_moe import ExpertConfig, GatingConfig, MixtureOfExperts, MoEConfig
 from dl_moe.experts import BaseExpert, PerExpertBank, register_expert
+from dl_moe.forward import token_choice
 from dl_moe.gating import BaseGating, register_gating
 
 
@@ -62,7 +63,7 @@ def make_layer(drop_tokens=True, gating_type="test_custom_gating", units=5, top_
 def reference(layer, x):
     """Every token through its chosen expert's Dense, weighted by the router."""
     tokens = x.reshape(-1, x.shape[-1])
-    weights, indices, _ = layer._route(ops.convert_to_tensor(tokens), False)
+    weights, indices, _ = token_choice.call_token_router(layer, ops.convert_to_tensor(tokens), False)
     weights, indices = ops.convert_to_numpy(weights), ops.convert_to_numpy(indices)
     out = 0.0
     for j in range(indices.shape[1]):

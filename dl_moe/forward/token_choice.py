@@ -1,0 +1,171 @@
+"""Token-choice forward: every token picks its k experts (linear, cosine, top-p, ...).
+
+route (`[T, k]` weights and experts) → with `overflow="reroute"`, the overflow moved
+to fallback experts (`dl_moe.overflow`) → dispatch (a capacity, dropless or, in eager
+PyTorch, per-expert-slice plan) → experts → combine (weighted sum of each token's
+k outputs).
+"""
+
+from keras import ops
+
+from dl_moe import dispatch as dispatch_lib
+from dl_moe import overflow as overflow_lib
+from dl_moe import statistics
+from dl_moe.backend_fast_paths import (
+    capacity_slices_pay_off,
+    dropless_buffer_capacity,
+    expert_loads,
+    torch_eager_slices_enabled,
+)
+from dl_moe.forward import common
+from dl_moe.forward.common import finish, flatten_tokens, place_on_expert_devices, run_experts, to_numpy
+from dl_moe.gating.base import call_router
+
+# Capacity used when the token count is only known at run time (TF graphs with an
+# unknown batch size) for dropless blocks; any value gives the same outputs.
+DYNAMIC_DROPLESS_BLOCK = 64
+
+build_router = common.build_router
+
+
+def forward(layer, inputs, training, mask):
+    """`[..., d]` → `[..., o]`; every token's k assignments computed unless dropped."""
+    tokens, token_mask, leading_shape = flatten_tokens(layer, inputs, mask)
+
+    # Route.
+    weights, indices, active, info = route(layer, tokens, training, token_mask)  # [T, k]
+
+    # Overflow rerouting: a new [T, k] decision whose kept assignments fit the capacity.
+    routed_active, reroute = active, None
+    dispatch_indices, dispatch_weights = indices, weights
+    if layer.config.overflow == "reroute":
+        reroute, dispatch_weights = overflow_lib.reroute_routing(
+            weights, indices, active, info.get("raw_gate_probs"), layer.config.num_experts,
+            capacity_rows(layer, indices, training), layer.config.reroute_attempts,
+        )
+        dispatch_indices, active = reroute.expert_index, reroute.kept
+
+    # Dispatch.
+    plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
+    expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
+
+    # Experts.
+    expert_outputs = run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts)
+
+    # Combine.
+    outputs = dispatch_lib.combine(expert_outputs, plan, dispatch_weights)  # [T, ...o]
+    fully_dropped = ops.any(routed_active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
+
+    if reroute is not None:
+        # Losses and statistics see the load the router chose, before rerouting.
+        plan = plan._replace(routed_per_expert=reroute.routed_per_expert)
+        statistics.record_rerouted(layer, reroute.rerouted)
+    if training:
+        statistics.add_training_losses(
+            layer, info, token_mask, plan.routed_per_expert, weights=weights, indices=indices
+        )
+    statistics.record_token_routing(layer, plan, token_mask, fully_dropped)
+    return finish(layer, outputs, tokens, fully_dropped, leading_shape, mask, training)
+
+
+def routing_decision(layer, inputs, training, mask):
+    """The numpy decision `MixtureOfExperts.route` returns for token-choice routers."""
+    tokens, token_mask, _ = flatten_tokens(layer, inputs, mask)
+    weights, indices, active, info = route(layer, tokens, training, token_mask)
+    decision = {"indices": to_numpy(indices), "weights": to_numpy(weights), "active": to_numpy(active)}
+    if info.get("raw_gate_probs") is not None:
+        decision["probs"] = to_numpy(info["raw_gate_probs"])
+    return decision
+
+
+def route(layer, tokens, training, token_mask):
+    """Routes tokens `[T, ...]`.
+
+    Returns:
+        `(weights [T, k], indices [T, k] int32, active [T, k] bool, info)`: `active` is
+        False for unused dynamic-k slots and masked tokens, whose weights are zero.
+    """
+    weights, indices, info = call_token_router(layer, layer.experts.router_inputs(tokens), training, token_mask)
+    active = info.get("active")
+    active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
+    if token_mask is not None:
+        active = active & ops.expand_dims(token_mask, -1)
+    weights = ops.where(active, weights, ops.zeros_like(weights))
+    return weights, indices, active, info
+
+
+def call_token_router(layer, router_inputs, training, token_mask=None):
+    """Runs the router and normalises its answer to `[T, k]` weights and indices.
+
+    Routers whose `call` takes a `mask` (e.g. "resonance", "conditional") get the
+    token mask `[T]`.
+    """
+    weights, indices, info = call_router(layer.gating_network, router_inputs, training=training, mask=token_mask)
+    num_experts = layer.config.num_experts
+    if indices is None:
+        # Dense [T, E] weights: keep the top_k largest.
+        info.setdefault("raw_gate_probs", weights)
+        weights, indices = ops.top_k(weights, layer.config.gating_config.top_k)
+    elif len(indices.shape) == len(weights.shape) - 1:
+        # Dense weights with one index per token (e.g. argmax).
+        if weights.shape[-1] != num_experts:
+            raise ValueError(
+                f"A router returning one index per token must return weights of shape "
+                f"[T, num_experts={num_experts}], got {weights.shape}."
+            )
+        info.setdefault("raw_gate_probs", weights)
+        indices = ops.expand_dims(indices, -1)
+        weights = ops.take_along_axis(weights, ops.cast(indices, "int32"), axis=-1)
+    return weights, ops.cast(indices, "int32"), info
+
+
+def choose_plan(layer, indices, active, training):
+    """The dispatch plan of `[T, k]` assignments.
+
+    Returns:
+        `(plan, slice_counts)`: `slice_counts` is None, or (eager PyTorch) the
+        per-expert row counts of a plan whose rows are contiguous expert slices.
+    """
+    config = layer.config
+    num_experts = config.num_experts
+    num_tokens = dispatch_lib.static_dim(indices, 0)
+    # Buffers are sized for the router's average experts per token: `expected_k` is
+    # top_k for fixed-k routers and smaller than the k_max slots of dynamic-k ones
+    # (their inactive slots take no capacity), so a router averaging 1.3 experts
+    # gets C = ceil(cf * T * 1.3 / E) rows per expert, not the k_max bound.
+    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    # Expert-parallel buffers must stay [E, C, ...] to be sharded by expert.
+    slices = torch_eager_slices_enabled() and not config.expert_parallel
+    if not config.drop_tokens:
+        if slices:
+            # Eager: buffers as large as this batch's largest load drop nothing;
+            # slices skip their padding, which pays off unless experts are many
+            # and evenly loaded.
+            loads = expert_loads(indices, active, num_experts)
+            capacity = dropless_buffer_capacity(loads)
+            if capacity_slices_pay_off(loads, capacity):
+                return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
+            return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+        if isinstance(num_tokens, int):
+            block = dispatch_lib.dropless_block_size(num_tokens, top_k, num_experts, config.dropless_block_size)
+        else:
+            block = config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
+        return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
+    capacity = capacity_rows(layer, indices, training)
+    if isinstance(capacity, int) and slices:
+        if capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
+            return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
+    return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+
+
+def capacity_rows(layer, indices, training):
+    """C rows per expert for `[T, k]` assignments in capacity mode: a Python int, or a
+    scalar tensor when T is only known at run time."""
+    num_experts = layer.config.num_experts
+    num_tokens = dispatch_lib.static_dim(indices, 0)
+    # See `choose_plan` on `expected_k`.
+    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    capacity_factor = layer.config.capacity_factor(bool(training))
+    if isinstance(num_tokens, int):
+        return dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    return dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
