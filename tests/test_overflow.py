@@ -219,3 +219,21 @@ def test_eager_torch_slices_run_the_rerouted_decision_like_the_buffers(monkeypat
     assert used, "the slice path must have run"
     np.testing.assert_allclose(slices, buffers, atol=1e-5)
     assert layer.get_routing_stats()["rerouted_fraction"] > 0
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"overflow": "spill"}, r"MoEConfig.overflow must be one of \['drop', 'reroute'\], got 'spill'"),
+        ({"overflow": "reroute", "drop_tokens": False}, "needs drop_tokens=True"),
+        ({"reroute_attempts": 2}, "reroute_attempts is only used with overflow='reroute'"),
+        ({"overflow": "reroute", "reroute_attempts": 0}, "reroute_attempts must be a positive integer or None"),
+        ({"overflow": "reroute", "gating_config": {"gating_type": "expert_choice"}}, "needs a token-choice router"),
+        ({"overflow": "reroute", "gating_config": {"gating_type": "softmoe"}}, "needs a token-choice router"),
+    ],
+)
+def test_overflow_config_errors(fields, message):
+    from dl_moe import MoEConfig
+
+    with pytest.raises(ValueError, match=message):
+        MoEConfig(**fields)
