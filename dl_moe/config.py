@@ -17,6 +17,7 @@ FFN_TYPES = ("mlp", "swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
 ROUTING_DTYPES = ("float32", "bfloat16", "float16")
 CONV_PADDINGS = ("same", "valid")
 MAX_ROUTING_LEVELS = 2
+OVERFLOW_MODES = ("drop", "reroute")
 
 
 # ----------------------------------------------------------------------------
@@ -592,6 +593,12 @@ class MoEConfig(_CheckedConfig):
             mesh axis that shards the expert weights (see `dl_moe.distribution`), so
             XLA moves tokens to their experts' devices with an all-to-all. Has an
             effect only under a `keras.distribution` that shards the experts.
+        overflow: What happens to an assignment past its expert's capacity (capacity
+            mode): "drop" (it is not computed) or "reroute" (it moves to the token's
+            next-best expert that still has room, see `dl_moe.overflow`; token-choice
+            routers only).
+        reroute_attempts: With overflow="reroute", fallback experts a token tries at
+            most (None: all E - 1; fewer rounds cost less).
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -613,6 +620,8 @@ class MoEConfig(_CheckedConfig):
     shared_expert_gate: bool = _field(False, _boolean)
     scale_expert_inputs: bool = _field(False, _boolean)
     expert_parallel: bool = _field(False, _boolean)
+    overflow: str = _field("drop", _one_of(OVERFLOW_MODES))
+    reroute_attempts: Optional[int] = _field(None, _positive_int(optional=True))
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):
@@ -635,6 +644,26 @@ class MoEConfig(_CheckedConfig):
         self.gating_config.validate()
         self.gating_config.validate_for_layer(self)
         self._validate_catalog()
+        self._validate_overflow()
+
+    def _validate_overflow(self):
+        """overflow="reroute" needs capacity mode and a token-choice router."""
+        if self.reroute_attempts is not None and self.overflow != "reroute":
+            raise ValueError(
+                f"MoEConfig.reroute_attempts is only used with overflow='reroute', got overflow={self.overflow!r}."
+            )
+        if self.overflow != "reroute":
+            return
+        if not self.drop_tokens:
+            raise ValueError(
+                "MoEConfig.overflow='reroute' needs drop_tokens=True (capacity mode); dropless mode has no overflow."
+            )
+        kind = getattr(GATING_TYPES.get(self.gating_config.gating_type), "routing_kind", "token_choice")
+        if kind != "token_choice":
+            raise ValueError(
+                f"MoEConfig.overflow='reroute' needs a token-choice router, got gating_type="
+                f"{self.gating_config.gating_type!r} ({kind} routing has no per-expert overflow)."
+            )
 
     def _validate_catalog(self):
         """Rules tying hierarchical routing and shared experts to the expert/router types."""

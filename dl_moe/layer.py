@@ -172,7 +172,8 @@ class MixtureOfExperts(keras.layers.Layer):
             dict with `expert_fraction` (numpy `[E]`, as `get_expert_utilization`),
             `avg_experts_per_token`, `dropped_fraction` (share of routed assignments not
             computed), `dropped_token_fraction` (share of tokens with every assignment
-            dropped), `load_cv` (coefficient of variation of the per-expert load),
+            dropped), `rerouted_fraction` (share of routed assignments that
+            `overflow="reroute"` moved to another expert; 0 otherwise), `load_cv` (coefficient of variation of the per-expert load),
             `tokens`, when computed in training the unscaled `aux_loss`, `z_loss`,
             `importance_loss`, `entropy_loss`, and with `balancing="aux_free"` the
             router's current `expert_bias` (numpy `[E]`).

@@ -27,9 +27,24 @@ STATISTICS = (
 )
 
 
+# Created only when the layer's config asks for them (so other layers' `.keras` files
+# keep their variable layout): name -> (per expert?, predicate of the MoEConfig).
+OPTIONAL_STATISTICS = {
+    "rerouted_assignments": (False, lambda config: config.overflow == "reroute"),  # moved by overflow="reroute"
+}
+
+
+def _layer_statistics(layer):
+    """Names of the statistics variables `layer` holds (`STATISTICS` + optional ones)."""
+    names = [name for name, _ in STATISTICS]
+    return names + [name for name in OPTIONAL_STATISTICS if getattr(layer, name, None) is not None]
+
+
 def create_statistics(layer, num_experts):
-    """Creates the `STATISTICS` variables as attributes of `layer` (zeros, float32)."""
-    for name, per_expert in STATISTICS:
+    """Creates the `STATISTICS` variables (and the optional ones the config asks for)
+    as attributes of `layer` (zeros, float32); an optional one not asked for is None."""
+    optional = [(name, per_expert) for name, (per_expert, wanted) in OPTIONAL_STATISTICS.items() if wanted(layer.config)]
+    for name, per_expert in list(STATISTICS) + optional:
         variable = layer.add_weight(
             name=name,
             shape=(num_experts,) if per_expert else (),
@@ -39,13 +54,21 @@ def create_statistics(layer, num_experts):
             autocast=False,
         )
         setattr(layer, name, variable)
+    for name in OPTIONAL_STATISTICS:
+        if name not in dict(optional):
+            setattr(layer, name, None)
 
 
 def reset_statistics(layer):
-    """Sets every `STATISTICS` variable of `layer` back to zero."""
-    for name, _ in STATISTICS:
+    """Sets every statistics variable of `layer` back to zero."""
+    for name in _layer_statistics(layer):
         variable = getattr(layer, name)
         variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+
+def record_rerouted(layer, rerouted):
+    """Adds one call's `[T, k]` bool rerouted assignments to `rerouted_assignments`."""
+    layer.rerouted_assignments.assign_add(ops.stop_gradient(ops.sum(ops.cast(rerouted, "float32"))))
 
 
 def count_tokens(per_token, token_mask):
@@ -135,6 +158,13 @@ def expert_utilization(layer):
     return routed / total if total > 0 else routed
 
 
+def _rerouted_fraction(layer, routed_total):
+    """Share of routed assignments `overflow="reroute"` moved (0 without rerouting)."""
+    if getattr(layer, "rerouted_assignments", None) is None or routed_total <= 0:
+        return 0.0
+    return float(_to_numpy(layer.rerouted_assignments)) / routed_total
+
+
 def routing_stats(layer):
     """The dict `MixtureOfExperts.get_routing_stats` returns (see there)."""
     routed = _to_numpy(layer.routed_tokens_per_expert)
@@ -146,6 +176,7 @@ def routing_stats(layer):
         "avg_experts_per_token": total / tokens if tokens > 0 else 0.0,
         "dropped_fraction": float(1.0 - processed.sum() / total) if total > 0 else 0.0,
         "dropped_token_fraction": float(_to_numpy(layer.dropped_tokens)) / tokens if tokens > 0 else 0.0,
+        "rerouted_fraction": _rerouted_fraction(layer, total),
         "load_cv": float(routed.std() / routed.mean()) if total > 0 else 0.0,
         "tokens": tokens,
         "aux_loss": float(_to_numpy(layer.last_aux_loss)),

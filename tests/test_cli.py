@@ -13,7 +13,7 @@ def test_demo_runs_end_to_end_and_writes_its_files(tmp_path, capsys):
     assert "Test accuracy:" in out and "reloaded model agrees: True" in out
     assert "moe_0: experts/token 2.00" in out
     assert os.path.getsize(tmp_path / "demo.keras") > 0
-    for name in ("expert_utilization.png", "routing_heatmap.png", "load_balance.png"):
+    for name in ("expert_utilization.png", "routing_heatmap.png", "load_balance.png", "specialization.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
 
 

@@ -1,6 +1,7 @@
 """Token-choice forward: every token picks its k experts (linear, cosine, top-p, ...).
 
-route (`[T, k]` weights and experts) → dispatch (a capacity, dropless or, in eager
+route (`[T, k]` weights and experts) → with `overflow="reroute"`, the overflow moved
+to fallback experts (`dl_moe.overflow`) → dispatch (a capacity, dropless or, in eager
 PyTorch, per-expert-slice plan) → experts → combine (weighted sum of each token's
 k outputs).
 """
@@ -8,6 +9,7 @@ k outputs).
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe import overflow as overflow_lib
 from dl_moe import statistics
 from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
@@ -39,11 +41,21 @@ def forward(layer, inputs, training, mask, router_inputs=None):
         router_tokens = ops.reshape(ops.cast(router_inputs, tokens.dtype), ops.shape(tokens))
     weights, indices, active, info = route(layer, tokens, training, token_mask, router_tokens)  # [T, k]
 
+    # Overflow rerouting: a new [T, k] decision whose kept assignments fit the capacity.
+    routed_active, reroute = active, None
+    dispatch_indices, dispatch_weights = indices, weights
+    if layer.config.overflow == "reroute":
+        reroute, dispatch_weights = overflow_lib.reroute_routing(
+            weights, indices, active, info.get("raw_gate_probs"), layer.config.num_experts,
+            capacity_rows(layer, indices, training), layer.config.reroute_attempts,
+        )
+        dispatch_indices, active = reroute.expert_index, reroute.kept
+
     # Dispatch.
-    plan, slice_counts = choose_plan(layer, indices, active, training)
-    dispatched, combine_weights = tokens, weights
+    plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
+    dispatched, combine_weights = tokens, dispatch_weights
     if layer.config.scale_expert_inputs:
-        dispatched, combine_weights = weight_expert_inputs(tokens, weights, active)
+        dispatched, combine_weights = weight_expert_inputs(tokens, dispatch_weights, active)
     expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(dispatched, plan), plan)  # [G, R, d]
 
     # Experts.
@@ -51,8 +63,12 @@ def forward(layer, inputs, training, mask, router_inputs=None):
 
     # Combine.
     outputs = dispatch_lib.combine(expert_outputs, plan, combine_weights)  # [T, ...o]
-    fully_dropped = ops.any(active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
+    fully_dropped = ops.any(routed_active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
 
+    if reroute is not None:
+        # Losses and statistics see the load the router chose, before rerouting.
+        plan = plan._replace(routed_per_expert=reroute.routed_per_expert)
+        statistics.record_rerouted(layer, reroute.rerouted)
     if training:
         statistics.add_training_losses(
             layer, info, token_mask, plan.routed_per_expert, weights=weights, indices=indices
@@ -156,11 +172,21 @@ def choose_plan(layer, indices, active, training):
         else:
             block = config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
         return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
-    capacity_factor = config.capacity_factor(bool(training))
-    if isinstance(num_tokens, int):
-        capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-        if slices and capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
+    capacity = capacity_rows(layer, indices, training)
+    if isinstance(capacity, int) and slices:
+        if capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
             return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
-    else:
-        capacity = dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+
+
+def capacity_rows(layer, indices, training):
+    """C rows per expert for `[T, k]` assignments in capacity mode: a Python int, or a
+    scalar tensor when T is only known at run time."""
+    num_experts = layer.config.num_experts
+    num_tokens = dispatch_lib.static_dim(indices, 0)
+    # See `choose_plan` on `expected_k`.
+    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    capacity_factor = layer.config.capacity_factor(bool(training))
+    if isinstance(num_tokens, int):
+        return dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    return dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)

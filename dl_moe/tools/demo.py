@@ -67,7 +67,21 @@ def run_demo(epochs=20, output_dir="outputs", seed=0, verbose=1):
     monitor_plots = monitor.save_plots(output_dir)
     heatmap_path, balance_path = monitor_plots["heatmap"], monitor_plots["load_balance"]
     print(f"Wrote {plot_path}, {heatmap_path} (expert shares per epoch), {balance_path} (load CV per epoch)")
+    specialization_path = write_specialization(model, x_test, y_test, os.path.join(output_dir, "specialization.png"))
     return {
         "accuracy": float(accuracy), "reload_agrees": agree, "model_path": model_path, "plot_path": plot_path,
-        "heatmap_path": heatmap_path, "load_balance_path": balance_path,
+        "heatmap_path": heatmap_path, "load_balance_path": balance_path, "specialization_path": specialization_path,
     }
+
+
+def write_specialization(model, x, y, path):
+    """Digit classes x experts share of assignments per MoE layer (test set), plotted and summarised."""
+    from dl_moe.analysis import specialization_report
+    from dl_moe.tools.plots import plot_specialization
+
+    reports = specialization_report(model, x, y, num_labels=10)
+    for name, report in reports.items():
+        print(f"  {name}: mean expert purity {report.mean_purity:.2f}, mean label entropy {report.entropy.mean():.2f}")
+    plot_specialization(reports, path)
+    print(f"Wrote {path} (digit classes x experts)")
+    return path

@@ -7,6 +7,8 @@
 * `plot_load_balance(expert_fractions, path)`: per layer, the load coefficient of
   variation (std / mean of the per-expert load; 0 is perfectly balanced) over epochs.
 * `plot_accuracy_vs_experts(summary, path)`: the router comparison of `dl-moe compare`.
+* `plot_specialization(reports, path)`: per layer, labels x experts share of assignments
+  (`dl_moe.analysis.specialization_report`), written by `dl-moe demo`.
 
 Each function takes plain numbers (dicts of lists / numpy arrays), saves a PNG and
 returns its path.
@@ -179,6 +181,40 @@ def plot_lm_curves(runs, path, x="steps", baseline="dense_flop"):
     axis.set_title("Byte-level LM on the Python stdlib")
     axis.grid(alpha=0.3)
     axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_specialization(reports, path):
+    """Heatmap per MoE layer: labels (rows) x experts (columns), colour = share of the
+    label's assignments that went to the expert; each expert's purity under its column.
+
+    Args:
+        reports: `{layer name: dl_moe.analysis.SpecializationReport}`.
+        path: PNG file to write.
+    """
+    if not reports:
+        raise ValueError("No specialization report to plot.")
+    plt = _pyplot()
+    layers = list(reports)
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(4.5 * len(layers) + 1, 4.2), squeeze=False, layout="constrained"
+    )
+    image = None
+    for axis, name in zip(axes[0], layers):
+        report = reports[name]
+        share = np.asarray(report.label_share)  # [L, E]
+        num_labels, num_experts = share.shape
+        image = axis.imshow(share, aspect="auto", origin="lower", cmap="magma", vmin=0.0, vmax=1.0)
+        axis.set_xticks(np.arange(num_experts))
+        axis.set_xticklabels([f"{e}\n{p:.2f}" for e, p in enumerate(report.purity)], fontsize=7)
+        axis.set_yticks(np.arange(num_labels))
+        axis.set_yticklabels(report.label_names or [str(label) for label in range(num_labels)], fontsize=7)
+        axis.set_xlabel("expert (purity below)")
+        axis.set_ylabel("label")
+        axis.set_title(f"{name}: mean purity {report.mean_purity:.2f}")
+    fig.colorbar(image, ax=list(axes[0]), label="share of the label's assignments")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
