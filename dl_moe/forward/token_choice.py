@@ -8,6 +8,7 @@ k outputs).
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe import export_compat
 from dl_moe import statistics
 from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
@@ -89,7 +90,7 @@ def call_token_router(layer, router_inputs, training, token_mask=None):
     if indices is None:
         # Dense [T, E] weights: keep the top_k largest.
         info.setdefault("raw_gate_probs", weights)
-        weights, indices = ops.top_k(weights, layer.config.gating_config.top_k)
+        weights, indices = export_compat.top_k(weights, layer.config.gating_config.top_k)
     elif len(indices.shape) == len(weights.shape) - 1:
         # Dense weights with one index per token (e.g. argmax).
         if weights.shape[-1] != num_experts:
@@ -136,7 +137,9 @@ def choose_plan(layer, indices, active, training):
             block = config.dropless_block_size or DYNAMIC_DROPLESS_BLOCK
         return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
     capacity_factor = config.capacity_factor(bool(training))
-    if isinstance(num_tokens, int):
+    if export_compat.is_symbolic_dim(num_tokens):
+        capacity = dispatch_lib.symbolic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    elif isinstance(num_tokens, int):
         capacity = dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
         if slices and capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
             return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
