@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 
 from keras import ops
 
+from dl_moe.export_compat import is_symbolic_dim, symbolic_ceil
+
 CAPACITY_MULTIPLE = 8
 MAX_DROPLESS_BLOCK = 256
 # Cost of copying one block's expert weights, in rows of matmul: an estimate for CPUs
@@ -84,6 +86,15 @@ def dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor, mul
     return ops.maximum(multiple, (raw + multiple - 1) // multiple * multiple)
 
 
+def symbolic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor, multiple=CAPACITY_MULTIPLE):
+    """`expert_capacity` for a JAX symbolic token count (a dimension expression).
+
+    For T >= 1 the ceiling is >= 1, so rounding up to a multiple is already >= `multiple`.
+    """
+    raw = symbolic_ceil(num_tokens, capacity_factor * top_k / num_experts)
+    return (raw + multiple - 1) // multiple * multiple
+
+
 def dropless_block_size(num_tokens, top_k, num_experts, block_size=None):
     """Rows per dropless block: the given size, else ~sqrt(32 * T*k/E), in [8, 256].
 
@@ -117,12 +128,20 @@ def _sort_assignments(expert_index, active, num_experts):
     order = ops.cast(ops.argsort(flat_expert * num_assignments + position), "int32")  # [N]
     sorted_expert = ops.take(flat_expert, order)  # [N]
     sorted_token = order % num_tokens  # [N]
-    starts = ops.cast(
-        ops.searchsorted(sorted_expert, ops.arange(num_experts + 1, dtype="int32"), side="left"),
-        "int32",
-    )  # [E + 1]
+    starts = _group_starts(sorted_expert, num_experts)  # [E + 1]
     rank = position - ops.take(starts, sorted_expert)  # [N]
     return sorted_token, sorted_expert, starts, rank, order
+
+
+def _group_starts(sorted_expert, num_experts):
+    """`[E + 1]` start of each expert's group in the sorted `[N]` experts (N at the end)."""
+    experts = ops.arange(num_experts + 1, dtype="int32")
+    if is_symbolic_dim(sorted_expert.shape[0]):
+        # jnp.searchsorted sizes its result dtype from the length, which a symbolic
+        # length cannot answer: count the assignments before each expert instead.
+        before = ops.expand_dims(sorted_expert, 0) < ops.expand_dims(experts, 1)  # [E + 1, N]
+        return ops.sum(ops.cast(before, "int32"), axis=1)
+    return ops.cast(ops.searchsorted(sorted_expert, experts, side="left"), "int32")
 
 
 def _unsort(values_sorted, order, num_tokens, top_k):
@@ -299,7 +318,9 @@ def dispatch(tokens, plan):
     def gather(values):
         return ops.reshape(ops.take(_append_zero_row(values), flat_slots, axis=0), group_shape + feature_shape)
 
-    if plan.slot_assignment is None:
+    if plan.slot_assignment is None or any(is_symbolic_dim(size) for size in group_shape):
+        # Symbolic shapes (jax.export): the gather gradient's closure would hold arrays
+        # of symbolic size as constants, which export cannot size; plain autodiff then.
         return gather(tokens)
 
     @ops.custom_gradient
@@ -340,7 +361,7 @@ def combine(expert_outputs, plan, weights):
         summed = ops.einsum("tk,tkf->tf", ops.cast(w, gathered.dtype), flat)
         return ops.reshape(summed, ops.shape(gathered)[:1] + ops.shape(gathered)[2:])
 
-    if plan.slot_assignment is None:
+    if plan.slot_assignment is None or is_symbolic_dim(weights.shape[0]):
         return weighted_sum(gather_assignments(expert_outputs), weights)
 
     @ops.custom_gradient

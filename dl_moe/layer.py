@@ -78,6 +78,11 @@ class MixtureOfExperts(keras.layers.Layer):
             self.config.expert_config.hidden_dim = int(input_shape[-1])
         self._check_input_shape(input_shape)
         hidden_dim = self.config.expert_config.hidden_dim
+        # Later calls with another width (or rank, for rank-bound experts) fail with
+        # Keras's own ValueError naming the expected and the received shape.
+        required_rank = self._expert_cls.input_rank
+        rank = {"min_ndim": 2} if required_rank is None else {"ndim": required_rank}
+        self.input_spec = keras.InputSpec(axes={-1: hidden_dim}, **rank)
         self.gating_network = self._forward.build_router(self, input_shape)
         self.experts = self._expert_cls.from_moe_config(
             self.config, name="experts", dtype=self._bank_dtype_policy("experts")
@@ -132,10 +137,18 @@ class MixtureOfExperts(keras.layers.Layer):
                 f"expert_type={self.config.expert_config.expert_type!r} routes whole examples "
                 "and does not take a Keras mask."
             )
+        if self._has_no_tokens(inputs.shape):
+            # Like keras.layers.Dense: an empty batch gives an empty output.
+            return ops.zeros(self.compute_output_shape(inputs.shape), dtype=self.compute_dtype)
         if router_inputs is not None:
             self._check_router_inputs(inputs, router_inputs)
             return self._forward.forward(self, inputs, training, mask, router_inputs=router_inputs)
         return self._forward.forward(self, inputs, training, mask)
+
+    def _has_no_tokens(self, input_shape):
+        """Whether a token axis of `input_shape` is statically 0 (`[0, d]`, `[B, 0, d]`)."""
+        token_axes = input_shape[:1] if self.experts.token_layout == "example" else input_shape[:-1]
+        return any(isinstance(size, int) and size == 0 for size in token_axes)
 
     def _check_router_inputs(self, inputs, router_inputs):
         """`router_inputs` needs token-choice routing, token-layout experts and `[..., d]`."""

@@ -9,6 +9,7 @@ k outputs).
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
+from dl_moe import export_compat
 from dl_moe import overflow as overflow_lib
 from dl_moe import statistics
 from dl_moe.backend_fast_paths import (
@@ -126,7 +127,7 @@ def call_token_router(layer, router_inputs, training, token_mask=None):
     if indices is None:
         # Dense [T, E] weights: keep the top_k largest.
         info.setdefault("raw_gate_probs", weights)
-        weights, indices = ops.top_k(weights, layer.config.gating_config.top_k)
+        weights, indices = export_compat.top_k(weights, layer.config.gating_config.top_k)
     elif len(indices.shape) == len(weights.shape) - 1:
         # Dense weights with one index per token (e.g. argmax).
         if weights.shape[-1] != num_experts:
@@ -187,6 +188,8 @@ def capacity_rows(layer, indices, training):
     # See `choose_plan` on `expected_k`.
     top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
     capacity_factor = layer.config.capacity_factor(bool(training))
+    if export_compat.is_symbolic_dim(num_tokens):
+        return dispatch_lib.symbolic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     if isinstance(num_tokens, int):
         return dispatch_lib.expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     return dispatch_lib.dynamic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)

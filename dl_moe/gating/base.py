@@ -30,6 +30,8 @@ load_e). The bias is a variable the trainer carries, so this works in every back
 import keras
 from keras import ops
 
+from dl_moe import export_compat
+
 
 class BaseGating(keras.layers.Layer):
     """Base class of routers.
@@ -200,9 +202,9 @@ def select_top_k(probs, top_k, normalize, bias=None):
         `(weights [..., k], indices [..., k] int32)`, best expert first.
     """
     if bias is None:
-        weights, indices = ops.top_k(probs, top_k)
+        weights, indices = export_compat.top_k(probs, top_k)
     else:
-        _, indices = ops.top_k(probs + ops.cast(bias, probs.dtype), top_k)
+        _, indices = export_compat.top_k(probs + ops.cast(bias, probs.dtype), top_k)
         weights = ops.take_along_axis(probs, indices, axis=-1)
     if normalize:
         weights = weights / ops.maximum(ops.sum(weights, axis=-1, keepdims=True), 1e-9)

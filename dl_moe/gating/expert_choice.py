@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from dl_moe import export_compat
 from dl_moe.gating.base import BaseGating
 
 DEFAULT_CAPACITY_FACTOR = 1.0
@@ -13,8 +14,14 @@ DEFAULT_CAPACITY_FACTOR = 1.0
 def expert_choice_capacity(num_tokens, capacity_factor, num_experts):
     """Tokens per expert C = ceil(T * c / E), at least 1 and at most T.
 
-    `num_tokens` is a Python int, or a scalar tensor when T is only known at run time.
+    `num_tokens` is a Python int, a JAX symbolic dimension (`model.export`), or a scalar
+    tensor when T is only known at run time.
     """
+    if export_compat.is_symbolic_dim(num_tokens):
+        # T >= 1, so the ceiling is >= 1; it exceeds T only when c > E.
+        if capacity_factor >= num_experts:
+            return num_tokens
+        return export_compat.symbolic_ceil(num_tokens, capacity_factor / num_experts)
     if isinstance(num_tokens, int):
         return max(1, min(num_tokens, math.ceil(num_tokens * capacity_factor / num_experts)))
     tokens = ops.cast(num_tokens, "float32")
@@ -86,7 +93,7 @@ class ExpertChoiceGating(BaseGating):
             # p is in [0, 1], so a masked token (score -1) is picked only into slots
             # that no unmasked token can fill; those slots are emptied below.
             scores = ops.where(ops.expand_dims(ops.cast(mask, "bool"), -1), probs, -1.0)
-        picked, token_index = ops.top_k(ops.transpose(scores), self.capacity(num_tokens))  # [E, C]
+        picked, token_index = export_compat.top_k(ops.transpose(scores), self.capacity(num_tokens))  # [E, C]
         token_index = ops.cast(token_index, "int32")
         valid = picked >= 0
         weights = ops.where(valid, picked, ops.zeros_like(picked))

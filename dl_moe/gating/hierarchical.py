@@ -5,6 +5,7 @@ import copy
 import keras
 from keras import ops
 
+from dl_moe import export_compat
 from dl_moe.registry import GATING_TYPES
 
 
@@ -116,12 +117,12 @@ class HierarchicalGating(keras.layers.Layer):
         within = ops.softmax(ops.reshape(expert_logits, (-1, num_groups, group_size)), axis=-1)  # [T, n, E/n]
         probs = ops.reshape(ops.expand_dims(group_probs, -1) * within, (-1, self.num_experts))  # [T, E]
 
-        _, group_indices = ops.top_k(group_probs, self.top_k_groups)  # [T, m]
+        _, group_indices = export_compat.top_k(group_probs, self.top_k_groups)  # [T, m]
         chosen = ops.sum(ops.one_hot(group_indices, num_groups, dtype=probs.dtype), axis=1) > 0  # [T, n]
         chosen = ops.reshape(ops.repeat(ops.expand_dims(chosen, -1), group_size, axis=-1), (-1, self.num_experts))
         # Experts of unchosen groups get a score below every allowed expert.
         scores = ops.where(chosen, probs, probs - 2.0)  # [T, E]
-        _, indices = ops.top_k(scores, self.top_k)  # [T, k]
+        _, indices = export_compat.top_k(scores, self.top_k)  # [T, k]
         indices = ops.cast(indices, "int32")
         weights = ops.take_along_axis(probs, indices, axis=-1)  # [T, k]
         if self.normalize_top_k:

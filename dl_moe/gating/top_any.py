@@ -6,6 +6,7 @@ import statistics
 import keras
 from keras import ops
 
+from dl_moe import export_compat
 from dl_moe.gating.base import BaseGating
 from dl_moe.gating.cosine import l2_normalize
 
@@ -122,7 +123,7 @@ class TopAnyGating(BaseGating):
         bias = self.selection_bias()
         if bias is not None:
             selection = scores + ops.cast(bias, scores.dtype)
-        ranked, indices = ops.top_k(selection, self.max_experts)  # [T, K]
+        ranked, indices = export_compat.top_k(selection, self.max_experts)  # [T, K]
         indices = ops.cast(indices, "int32")
         active = ranked > 0
         if not training:
