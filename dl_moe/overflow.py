@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 from keras import ops
 
+from dl_moe import export_compat
 from dl_moe.dispatch import _sort_assignments, _unsort, static_dim
 
 
@@ -55,7 +56,7 @@ class RerouteDecision(NamedTuple):
 
 def preference_order(scores, num_experts):
     """`[T, E]` scores → `[T, E]` int32 experts from best to worst (ties: the backend's top_k)."""
-    _, order = ops.top_k(scores, num_experts)
+    _, order = export_compat.top_k(scores, num_experts)
     return ops.cast(order, "int32")
 
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from dl_moe import export_compat
 from dl_moe.gating.linear import LinearGating
 
 
@@ -23,9 +24,9 @@ def group_limited_mask(choice, num_groups, top_k_groups):
     num_experts = choice.shape[-1]
     group_size = num_experts // num_groups
     grouped = ops.reshape(choice, (-1, num_groups, group_size))  # [T, G, E/G]
-    best, _ = ops.top_k(grouped, min(2, group_size))
+    best, _ = export_compat.top_k(grouped, min(2, group_size))
     group_scores = ops.sum(best, axis=-1)  # [T, G]
-    _, kept_groups = ops.top_k(group_scores, top_k_groups)  # [T, kg]
+    _, kept_groups = export_compat.top_k(group_scores, top_k_groups)  # [T, kg]
     kept = ops.sum(ops.one_hot(kept_groups, num_groups, dtype="float32"), axis=-2) > 0  # [T, G]
     return ops.reshape(ops.repeat(kept, group_size, axis=-1), ops.shape(choice))
 
@@ -135,7 +136,7 @@ class SigmoidGating(LinearGating):
         if self.num_expert_groups is not None:
             kept = group_limited_mask(choice, self.num_expert_groups, self.top_k_groups)
             choice = ops.where(kept, choice, ops.full_like(choice, float("-inf")))
-        _, indices = ops.top_k(choice, self.top_k)
+        _, indices = export_compat.top_k(choice, self.top_k)
         weights = ops.take_along_axis(scores, indices, axis=-1)  # [T, k]
         if self.normalize_top_k:
             weights = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-20)
