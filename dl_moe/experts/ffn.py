@@ -54,6 +54,9 @@ class FFNExpertBank(ExpertBank):
         use_bias: Add biases.
     """
 
+    # The FFN fields of ExpertConfig (other expert types must leave them at their defaults).
+    config_fields = ("intermediate_size", "ffn_type", "activation")
+
     def __init__(
         self,
         num_experts,
