@@ -80,7 +80,6 @@ def _one_of(choices):
 
 def _registered(registry):
     def check(owner, name, value):
-        _load_builtins()
         if value not in registry:
             _fail(owner, name, value, f"one of {registry.names()}")
         return value
@@ -155,12 +154,6 @@ def _activation(owner, name, value):
     return value
 
 
-def _load_builtins():
-    # Importing these packages registers the built-in expert and router types.
-    import dl_moe.experts  # noqa: F401
-    import dl_moe.gating  # noqa: F401
-
-
 def _field(default, check, **kwargs):
     return dataclasses.field(default=default, metadata={"check": check}, **kwargs)
 
@@ -226,10 +219,15 @@ class ExpertConfig(_CheckedConfig):
     """What each expert computes.
 
     Attributes:
-        expert_type: Registered expert type; built-in: "ffn".
+        expert_type: Registered expert type; built-in: "ffn" (feed-forward experts,
+            `FFNExpertBank`), "attention" (Mixture of Attention heads over `[B, S, d]`,
+            `AttentionExpertBank`) and "conv2d" (convolutional experts over whole
+            `[B, H, W, C]` examples, `Conv2DExpertBank`); plug-ins via
+            `dl_moe.experts.register_expert`.
         hidden_dim: Model width d: the last axis of the layer's input.
         output_dim: Width of the layer's output; None means `hidden_dim`.
-        intermediate_size: Hidden width h of each FFN expert; None means 4 * hidden_dim.
+        intermediate_size: Hidden width h of each FFN expert (and of each shared
+            expert); None means 4 * hidden_dim.
         ffn_type: "mlp" (act(x W_up) W_down), "swiglu" (silu(x W_gate) * x W_up, then
             W_down), "geglu" (exact gelu instead of silu), "geglu_tanh" (tanh-approximated
             gelu, Gemma) or "clamped_swiglu" (GPT-OSS: g = min(x W_gate, limit),
@@ -279,9 +277,11 @@ class ExpertConfig(_CheckedConfig):
     expert_kwargs: Optional[dict] = _field(None, _json_dict)
 
     TYPE_SPECIFIC_FIELDS = ("num_heads", "head_dim", "filters", "kernel_size", "strides", "padding", "expert_kwargs")
+    # FFN fields with their defaults: an expert type that does not read one (its class's
+    # `config_fields`) must leave it at the default, unless shared experts (FFNs) use it.
+    FFN_FIELD_DEFAULTS = {"intermediate_size": None, "ffn_type": "mlp", "activation": "gelu"}
 
     def validate(self):
-        _load_builtins()
         cls = EXPERT_TYPES.get(self.expert_type)
         allowed = getattr(cls, "config_fields", ())
         for name in self.TYPE_SPECIFIC_FIELDS:
@@ -376,7 +376,14 @@ class GatingConfig(_CheckedConfig):
     """How tokens are routed to experts.
 
     Attributes:
-        gating_type: Registered router type; built-in: "linear", "cosine", "softmoe".
+        gating_type: Registered router type; built-in (see `dl_moe.gating`):
+            "linear" (top-k of softmax(x W)), "cosine" (top-k of scaled cosine
+            similarity), "softmoe" (Soft MoE slots), "expert_choice" (each expert picks
+            its tokens), "top_p" (experts until a probability mass), "conditional" (k
+            from a predicted difficulty), "confidence" (k from the router's
+            uncertainty), "top_any" (per-expert trainable thresholds), "resonance"
+            (token- and expert-side affinity) and "ensemble" (a weighted mix of
+            routers); plug-ins via `dl_moe.gating.register_gating`.
         top_k: Experts per token (token-choice routers).
         capacity_factor: When set, the capacity factor for training *and* inference,
             taking precedence over `MoEConfig.train/eval_capacity_factor`.
@@ -419,7 +426,8 @@ class GatingConfig(_CheckedConfig):
             "top_p" and "top_any", min(4, num_experts) for "conditional"/"confidence").
         min_experts: Fewest experts per token of "conditional"/"confidence" (None: 1).
         threshold_low: "conditional": a predicted difficulty (in [0, 1]) at or below it
-            uses `min_experts` (None: 0.3); k is linear in the difficulty up to
+            uses `min_experts` (None: 0.3); between the two thresholds k grows
+            linearly with the difficulty.
         threshold_high: "conditional": a difficulty at or above it uses `max_experts`
             (None: 0.7). Must exceed `threshold_low`.
         difficulty_loss_weight: "conditional": weight of the regression loss that
@@ -480,7 +488,6 @@ class GatingConfig(_CheckedConfig):
     )
 
     def validate(self):
-        _load_builtins()
         cls = GATING_TYPES.get(self.gating_type)
         allowed = getattr(cls, "config_fields", ())
         for name in self.ROUTER_SPECIFIC_FIELDS:
@@ -514,7 +521,6 @@ class GatingConfig(_CheckedConfig):
 
     def validate_for_layer(self, moe_config):
         """Rules that involve the layer (`num_experts`, routing kind)."""
-        _load_builtins()
         num_experts = moe_config.num_experts
         for name in ("max_experts", "min_experts", "expected_experts"):
             value = getattr(self, name)
@@ -667,7 +673,6 @@ class MoEConfig(_CheckedConfig):
 
     def _validate_catalog(self):
         """Rules tying hierarchical routing and shared experts to the expert/router types."""
-        _load_builtins()
         gating_cls = GATING_TYPES.get(self.gating_config.gating_type)
         expert_cls = EXPERT_TYPES.get(self.expert_config.expert_type)
         soft = getattr(gating_cls, "routing_kind", "token_choice") == "soft"
@@ -678,6 +683,8 @@ class MoEConfig(_CheckedConfig):
                 f"slots and needs experts whose tokens are positions of [..., d]; got "
                 f"expert_type={self.expert_config.expert_type!r}."
             )
+        if not self.num_shared_experts:
+            self._check_unread_ffn_fields(expert_cls)
         if self.num_shared_experts and layout == "example":
             raise ValueError(
                 f"MoEConfig.num_shared_experts must be 0 for expert_type="
@@ -723,6 +730,19 @@ class MoEConfig(_CheckedConfig):
                 f"gating_type={self.gating_config.gating_type!r}."
             )
         self.resolved_num_expert_groups  # raises when no grouping fits
+
+    def _check_unread_ffn_fields(self, expert_cls):
+        expert = self.expert_config
+        reads = getattr(expert_cls, "config_fields", ())
+        for name, default in ExpertConfig.FFN_FIELD_DEFAULTS.items():
+            value = getattr(expert, name)
+            if value != default and name not in reads:
+                readers = [t for t in EXPERT_TYPES.names() if name in getattr(EXPERT_TYPES.get(t), "config_fields", ())]
+                raise ValueError(
+                    f"ExpertConfig.{name}={value!r} is only used by expert_type in {readers} and by shared "
+                    f"experts (num_shared_experts > 0), got expert_type={expert.expert_type!r}; leave it "
+                    f"at its default {default!r}."
+                )
 
     @property
     def resolved_num_expert_groups(self):

@@ -2,8 +2,14 @@
 
 `ExpertConfig.expert_type` and `GatingConfig.gating_type` are looked up here, so a
 user class registered under a new name is as usable (and as validated) as a
-built-in one.
+built-in one. This is the one place the configs consult: a lookup first imports
+`dl_moe.experts` and `dl_moe.gating`, whose modules register the built-in types, so
+`dl_moe.config` never imports those packages (which import it back).
 """
+
+import importlib
+
+BUILTIN_PACKAGES = {"expert_type": "dl_moe.experts", "gating_type": "dl_moe.gating"}
 
 
 class Registry:
@@ -31,8 +37,15 @@ class Registry:
         self._classes[name] = cls
         return cls
 
+    def _load_builtins(self):
+        package = BUILTIN_PACKAGES.get(self.kind)
+        if package is not None:
+            importlib.import_module(package)
+
     def get(self, name):
         """Returns the class registered under `name` or raises a `ValueError`."""
+        if name not in self._classes:
+            self._load_builtins()
         if name not in self._classes:
             raise ValueError(
                 f"Unknown {self.kind} {name!r}. Valid values: {self.names()}."
@@ -41,9 +54,12 @@ class Registry:
 
     def names(self):
         """Sorted list of the registered names."""
+        self._load_builtins()
         return sorted(self._classes)
 
     def __contains__(self, name):
+        if name not in self._classes:
+            self._load_builtins()
         return name in self._classes
 
 

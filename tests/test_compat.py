@@ -30,5 +30,5 @@ def test_saved_model_loads_and_predicts_the_stored_outputs(name):
     # Paths below the layer; seed generators are numbered by a process-wide counter.
     paths = sorted(v.path.partition("moe/")[2] for v in moe.variables if "seed_generator" not in v.path)
     assert paths == list(stored["variable_paths"])
-    prediction = keras.ops.convert_to_numpy(model.predict(stored["x"], verbose=0))
+    prediction = keras.ops.convert_to_numpy(model(stored["x"], training=False))
     np.testing.assert_allclose(prediction, stored["y"], rtol=1e-5, atol=1e-5)

@@ -137,3 +137,32 @@ def test_every_field_is_documented():
     for cls in (ExpertConfig, GatingConfig, MoEConfig):
         for field in dataclasses.fields(cls):
             assert f"{field.name}:" in cls.__doc__, (cls.__name__, field.name)
+
+
+@pytest.mark.parametrize(
+    "expert_fields, field",
+    [
+        (dict(expert_type="attention", num_heads=2, intermediate_size=32), "intermediate_size"),
+        (dict(expert_type="attention", num_heads=2, ffn_type="swiglu"), "ffn_type"),
+        (dict(expert_type="attention", num_heads=2, activation="relu"), "activation"),
+        (dict(expert_type="conv2d", filters=4, ffn_type="geglu"), "ffn_type"),
+    ],
+)
+def test_ffn_fields_the_expert_type_ignores_are_errors(expert_fields, field):
+    from dl_moe import ExpertConfig, MoEConfig
+
+    with pytest.raises(ValueError, match=rf"ExpertConfig\.{field}=.* only used by expert_type in .*'ffn'"):
+        MoEConfig(num_experts=2, expert_config=ExpertConfig(hidden_dim=8, **expert_fields))
+    if expert_fields["expert_type"] == "attention":  # shared experts are FFNs that read them
+        MoEConfig(num_experts=2, num_shared_experts=1, expert_config=ExpertConfig(hidden_dim=8, **expert_fields))
+
+
+def test_config_docstrings_name_every_built_in_type():
+    from dl_moe import ExpertConfig, GatingConfig
+    from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
+
+    for registry, config in ((GATING_TYPES, GatingConfig), (EXPERT_TYPES, ExpertConfig)):
+        built_in = [n for n in registry.names() if registry.get(n).__module__.startswith("dl_moe.")]
+        assert len(built_in) >= 3
+        for name in built_in:
+            assert f'"{name}"' in config.__doc__, name

@@ -37,8 +37,12 @@ class ExpertBank(keras.layers.Layer):
     Class attributes:
         token_layout: "token", "sequence" or "example" (see the module docstring).
         input_rank: The layer input's required rank, or None for any rank >= 2.
-        config_fields: The type-specific `ExpertConfig` fields the bank reads; setting
-            any other type-specific field is a `ValueError`.
+        config_fields: The `ExpertConfig` fields the bank reads beyond the common
+            ones (`hidden_dim`, `output_dim`, `dropout_rate`, `use_bias`): setting
+            another type-specific field (`num_heads` ... `expert_kwargs`) is a
+            `ValueError`, and so is setting an FFN field (`intermediate_size`,
+            `ffn_type`, `activation`) away from its default when neither the bank nor
+            shared experts read it.
         supports_slice_counts: The bank's `call` also accepts `slice_counts` (a list
             of E Python ints) in place of `group_expert`: one group `[1, N, ...]` whose
             rows are sorted by expert, `slice_counts[e]` rows per expert. Eager

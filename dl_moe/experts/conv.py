@@ -65,7 +65,7 @@ class Conv2DExpertBank(ExpertBank):
 
     token_layout = "example"
     input_rank = 4
-    config_fields = ("filters", "kernel_size", "strides", "padding")
+    config_fields = ("filters", "kernel_size", "strides", "padding", "activation")
 
     def __init__(
         self,

@@ -72,6 +72,8 @@ class FFNExpertBank(ExpertBank):
     """
 
     supports_expert_scale = True
+    # The FFN fields of ExpertConfig (other expert types must leave them at their defaults).
+    config_fields = ("intermediate_size", "ffn_type", "activation")
 
     def __init__(
         self,
