@@ -305,7 +305,7 @@ MUTANTS = [
         "the router runs in the layer's compute dtype (bfloat16 under mixed precision)",
         '"dtype": config.routing_dtype,',
         '"dtype": None,',
-        ("tests/test_precision.py::-k close_to_float32",),
+        ("tests/test_layer_reference.py::-k mixed_precision_keeps_router",),
     ),
     Mutant(
         "slices_never_taken",

@@ -196,12 +196,16 @@ def test_slice_path_runs_other_banks_once_per_expert(monkeypatch):
     assert_same_results(portable, fast)
 
     # Count the bank's calls on the slice path: one per expert that holds rows, in
-    # expert order, each with only that expert's kept rows.
+    # expert order, each with only that expert's kept rows. Expert 2 is made idle.
     monkeypatch.setattr(SLICES_SWITCH, lambda: True)
+    kernel = np.asarray(ops.convert_to_numpy(layer.gating_network.router_kernel)).copy()
+    kernel[:, 2] = -10.0  # positive tokens never pick expert 2
+    layer.gating_network.router_kernel.assign(kernel)
+    x = np.abs(x) + 0.1
     decision = layer.route(x, training=True)
     loads = np.bincount(decision["indices"][decision["active"]], minlength=3)
     capacity = reference.capacity(10, 2, 3, 0.5)  # 8 rows: experts overflow
-    assert loads.max() > capacity
+    assert loads.max() > capacity and loads[2] == 0
     calls = []
     bank_call = layer.experts.call
 
