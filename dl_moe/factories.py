@@ -34,7 +34,7 @@ def create_ffn_moe(
         top_k: Experts per token.
         gating_type: Router type ("linear", "cosine", "softmoe", or a registered name).
         intermediate_size: Expert hidden width h (None: 4 * hidden_dim).
-        ffn_type: "mlp", "swiglu" or "geglu".
+        ffn_type: "mlp", "swiglu", "geglu", "geglu_tanh" or "clamped_swiglu".
         name: Layer name.
         **overrides: Any other field of `MoEConfig`, `ExpertConfig` or `GatingConfig`
             (e.g. `drop_tokens=False`, `aux_loss_weight=0.1`, `output_dim=128`).

@@ -24,7 +24,7 @@ OVERRIDES = dict(drop_tokens=True, train_capacity_factor=2.0)
 def build(expert_parallel):
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.MixtralBackbone(
-        vocabulary_size=64, num_layers=2, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
+        vocabulary_size=64, num_layers=1, num_query_heads=4, num_key_value_heads=2, hidden_dim=16,
         intermediate_dim=32, num_experts=8, top_k=2, sliding_window=8,
     )
     model = sparsify(keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None),
