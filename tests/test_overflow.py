@@ -151,36 +151,39 @@ def layer_case(skew=1.5):
     return layer, x
 
 
+def expected_layer(layer_weights, x, cap):
+    """Reference output and decision of `layer_case`'s layer with these weights."""
+    from tests import reference
+
+    probs = reference.softmax(x.astype("float64") @ layer_weights["router_kernel"])
+    _, indices = reference.top_k_decision(probs, 2, False)
+    new_index, kept, rerouted = reference_reroute(indices, np.ones_like(indices, bool), probs, cap)
+    out = np.zeros_like(x, dtype="float64")
+    for t in range(len(x)):
+        for j in range(2):
+            if kept[t, j]:
+                e = new_index[t, j]
+                out[t] += probs[t, e] * reference.ffn_expert(layer_weights, e, x[t : t + 1], "mlp")[0]
+    fully_dropped = ~kept.any(-1)
+    out[fully_dropped] = x[fully_dropped]
+    return out, indices, kept, rerouted
+
+
 def test_layer_reroutes_like_the_reference_compiled_and_round_trips(tmp_path):
-    """One compiled fit (XLA on JAX/TF), then the compiled forward and the statistics
-    of one evaluation against the reference with the trained weights."""
+    """One compiled training step (XLA on JAX/TF): its statistics against the reference
+    with the initial weights; the compiled forward against it with the trained ones."""
     from tests import reference
 
     layer, x = layer_case()
     inputs = keras.Input((8,), batch_size=48)
     model = keras.Model(inputs, layer(inputs))
     model.compile(keras.optimizers.SGD(0.01), "mse", jit_compile=keras.backend.backend() != "torch")
-    model.fit(x, x, epochs=1, batch_size=48, verbose=0)
-    layer.reset_routing_stats()
-    model.evaluate(x, x, batch_size=48, verbose=0)
-    stats = layer.get_routing_stats()
-    out = model.predict(x, batch_size=48, verbose=0)
-
-    w = reference.weights_of(layer)
-    probs = reference.softmax(x.astype("float64") @ w["router_kernel"])
-    _, indices = reference.top_k_decision(probs, 2, False)
     cap = reference.capacity(48, 2, 4, 1.0)
-    new_index, kept, rerouted = reference_reroute(indices, np.ones_like(indices, bool), probs, cap)
+    _, indices, kept, rerouted = expected_layer(reference.weights_of(layer), x, cap)
+    layer.reset_routing_stats()
+    model.fit(x, x, epochs=1, batch_size=48, shuffle=False, verbose=0)  # token order is priority order
+    stats = layer.get_routing_stats()
     assert rerouted.sum() > 0 and not kept.all(), "the case must reroute and still drop"
-    want = np.zeros_like(x, dtype="float64")
-    for t in range(48):
-        for j in range(2):
-            if kept[t, j]:
-                e = new_index[t, j]
-                want[t] += probs[t, e] * reference.ffn_expert(w, e, x[t : t + 1], "mlp")[0]
-    fully_dropped = ~kept.any(-1)
-    want[fully_dropped] = x[fully_dropped]
-    np.testing.assert_allclose(out, want, atol=1e-5)
     assert stats["rerouted_fraction"] == pytest.approx(rerouted.sum() / 96)
     assert stats["dropped_fraction"] == pytest.approx(1 - kept.sum() / 96)
     routed = np.array([(indices == e).sum() for e in range(4)]) / 96
@@ -188,6 +191,11 @@ def test_layer_reroutes_like_the_reference_compiled_and_round_trips(tmp_path):
     # Dropping instead would lose more.
     drop = reference.assign_with_capacity(indices, np.ones_like(indices, bool), 4, cap)[0]
     assert (1 - drop.sum() / 96) > stats["dropped_fraction"]
+
+    out = model.predict(x, batch_size=48, verbose=0)
+    want, _, _, rerouted = expected_layer(reference.weights_of(layer), x, cap)
+    assert rerouted.sum() > 0
+    np.testing.assert_allclose(out, want, atol=1e-5)
 
     path = str(tmp_path / "reroute.keras")
     model.save(path)
