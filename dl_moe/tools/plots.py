@@ -153,6 +153,9 @@ def plot_accuracy_vs_experts(summary, path, baseline="top2"):
 def plot_lm_curves(runs, path, x="steps", baseline="dense_flop"):
     """Validation bits/byte (mean over seeds, band = ± std) against steps or training FLOPs.
 
+    Two panels: the whole run, and its second half magnified (where the models differ
+    by hundredths of a bit and the first panel's scale hides it).
+
     Args:
         runs: dicts with `variant` and `curve` (`steps`, `train_flops`,
             `val_bits_per_byte` lists), as `dl_moe.tools.compare_lm.run_variant` returns.
@@ -163,7 +166,7 @@ def plot_lm_curves(runs, path, x="steps", baseline="dense_flop"):
     if x not in ("steps", "train_flops"):
         raise ValueError(f"x must be 'steps' or 'train_flops', got {x!r}.")
     plt = _pyplot()
-    fig, axis = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     colours = plt.get_cmap("tab10")
     names = list(dict.fromkeys(run["variant"] for run in runs))
     for index, name in enumerate(names):
@@ -172,16 +175,19 @@ def plot_lm_curves(runs, path, x="steps", baseline="dense_flop"):
         ys = np.asarray([c["val_bits_per_byte"] for c in curves], dtype="float64")
         mean, std = ys.mean(axis=0), ys.std(axis=0, ddof=1) if len(ys) > 1 else np.zeros(ys.shape[1])
         style = {"color": "black", "linestyle": "--"} if name == baseline else {"color": colours(index % 10)}
-        axis.plot(xs, mean, marker="o", markersize=3, label=name, **style)
-        axis.fill_between(xs, mean - std, mean + std, alpha=0.15, color=style["color"])
-    axis.set_xlabel("training steps" if x == "steps" else "training FLOPs (3 x forward matmul FLOPs x tokens)")
-    if x == "train_flops":
-        axis.set_xscale("log")
-    axis.set_ylabel("validation bits/byte (mean ± std over seeds)")
-    axis.set_title("Byte-level LM on the Python stdlib")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.savefig(path, dpi=100)
+        half = len(xs) // 2
+        for axis, first in zip(axes, (0, half)):
+            axis.plot(xs[first:], mean[first:], marker="o", markersize=3, label=name, **style)
+            axis.fill_between(xs[first:], (mean - std)[first:], (mean + std)[first:], alpha=0.12, color=style["color"])
+    label = "training steps" if x == "steps" else "training FLOPs (3 x forward matmul FLOPs x tokens)"
+    for axis, title in zip(axes, ("whole run", "second half, magnified")):
+        axis.set_xlabel(label)
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("validation bits/byte (mean ± std over seeds)")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    fig.suptitle("Byte-level LM on the Python stdlib")
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
