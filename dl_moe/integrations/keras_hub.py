@@ -307,8 +307,31 @@ class MixtralMoEBlock(KerasHubMoEBlock, MixtralSparseMoeBlock):
         block.expert_bank._expert_feedforward_output_dense.assign(bank.down_kernel)
 
 
+class QwenFamilyBlock(KerasHubMoEBlock):
+    """What the three Qwen adapters share: the decoder's mask decides which tokens
+    count, the routed experts are a fused "halves" gate/up bank behind a router Dense
+    (`router_attribute`), and an optional gated shared expert sits at
+    `shared_expert_attributes` (its MLP and its gate Dense)."""
+
+    router_attribute = "_sparse_feedforward_gate_dense"
+    shared_expert_attributes = None
+
+    def call(self, hidden_states, attention_mask=None, training=None):
+        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
+
+    def load_stock_weights(self, block, parent):
+        self._load_halves(getattr(block, self.router_attribute), block.expert_bank)
+        if self.shared_expert_attributes:
+            self._assign_shared(*(getattr(block, name) for name in self.shared_expert_attributes))
+
+    def write_stock_weights(self, block, parent):
+        self._write_halves(getattr(block, self.router_attribute), block.expert_bank)
+        if self.shared_expert_attributes:
+            self._write_shared(*(getattr(block, name) for name in self.shared_expert_attributes))
+
+
 @keras.saving.register_keras_serializable(package="dl_moe")
-class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
+class Qwen3MoEBlock(QwenFamilyBlock, Qwen3SparseMoeBlock):
     """`Qwen3SparseMoeBlock` computed sparsely.
 
     Weights: router `[d, E]` → `router_kernel`; the fused gate/up tensor `[E, d, 2h]`
@@ -336,18 +359,10 @@ class Qwen3MoEBlock(KerasHubMoEBlock, Qwen3SparseMoeBlock):
         return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
                    dtype=block.dtype_policy, name=name)
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
-
-    def load_stock_weights(self, block, parent):
-        self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
-
-    def write_stock_weights(self, block, parent):
-        self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
 
 
 @keras.saving.register_keras_serializable(package="dl_moe")
-class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
+class QwenMoEBlock(QwenFamilyBlock, QwenSparseMoeBlock):
     """`QwenSparseMoeBlock` (Qwen1.5/Qwen2-MoE) computed sparsely.
 
     As `Qwen3MoEBlock` (fused "halves" gate/up, `norm_top_k_prob`, attention-mask
@@ -358,6 +373,7 @@ class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
     """
 
     stock_block_class = QwenSparseMoeBlock
+    shared_expert_attributes = ("shared_expert_dense", "shared_expert_gate_dense")
 
     @classmethod
     def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
@@ -378,20 +394,10 @@ class QwenMoEBlock(KerasHubMoEBlock, QwenSparseMoeBlock):
         return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
                    dtype=block.dtype_policy, name=name)
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
-
-    def load_stock_weights(self, block, parent):
-        self._load_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
-        self._assign_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
-
-    def write_stock_weights(self, block, parent):
-        self._write_halves(block._sparse_feedforward_gate_dense, block.expert_bank)
-        self._write_shared(block.shared_expert_dense, block.shared_expert_gate_dense)
 
 
 @keras.saving.register_keras_serializable(package="dl_moe")
-class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
+class Qwen3_5MoEBlock(QwenFamilyBlock, Qwen3_5MoeSparseMoeBlock):
     """`Qwen3_5MoeSparseMoeBlock` computed sparsely.
 
     Router `_router_gate [d, E]`, fused "halves" gate/up experts, top-k weights always
@@ -400,6 +406,8 @@ class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
     """
 
     stock_block_class = Qwen3_5MoeSparseMoeBlock
+    router_attribute = "_router_gate"
+    shared_expert_attributes = ("shared_expert", "_shared_expert_gate")
 
     @classmethod
     def from_stock_block(cls, block, parent, overrides, name, moe_name, return_router_logits):
@@ -420,16 +428,6 @@ class Qwen3_5MoEBlock(KerasHubMoEBlock, Qwen3_5MoeSparseMoeBlock):
         return cls(config, block.hidden_dim, moe_name=moe_name, return_router_logits=return_router_logits,
                    dtype=block.dtype_policy, name=name)
 
-    def call(self, hidden_states, attention_mask=None, training=None):
-        return self._sparse_moe(hidden_states, self._token_mask(attention_mask), training)
-
-    def load_stock_weights(self, block, parent):
-        self._load_halves(block._router_gate, block.expert_bank)
-        self._assign_shared(block.shared_expert, block._shared_expert_gate)
-
-    def write_stock_weights(self, block, parent):
-        self._write_halves(block._router_gate, block.expert_bank)
-        self._write_shared(block.shared_expert, block._shared_expert_gate)
 
 
 @keras.saving.register_keras_serializable(package="dl_moe")
