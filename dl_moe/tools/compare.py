@@ -246,6 +246,14 @@ def run_router(router, seeds, epochs, batch_size=64, test_batch_size=90, learnin
     return runs
 
 
+def versus_baseline(values, baseline_values):
+    """`(Welch's p, Cohen's d)` of `values` against `baseline_values`; NaNs when the
+    baseline has no runs."""
+    if not baseline_values:
+        return math.nan, math.nan
+    return welch_t_test(values, baseline_values)[1], cohens_d(values, baseline_values)
+
+
 def summarize(runs, baseline=BASELINE):
     """Per-router summary rows (router order as first seen) with statistics vs `baseline`."""
     routers = list(dict.fromkeys(r["router"] for r in runs))
@@ -256,10 +264,7 @@ def summarize(runs, baseline=BASELINE):
         accuracies = [r["accuracy"] for r in mine]
         acc_mean, acc_std = mean_std(accuracies)
         evaluations = float(np.mean([r["expert_evaluations"] for r in mine]))
-        if router == baseline or not base:
-            p_value, d = math.nan, math.nan
-        else:
-            p_value, d = welch_t_test(accuracies, base)[1], cohens_d(accuracies, base)
+        p_value, d = (math.nan, math.nan) if router == baseline else versus_baseline(accuracies, base)
         rows.append({
             "router": router,
             "seeds": len(mine),

@@ -43,7 +43,7 @@ import time
 import keras
 import numpy as np
 
-from dl_moe.tools.compare import cohens_d, mean_std, welch_t_test
+from dl_moe.tools.compare import mean_std, versus_baseline
 from dl_moe.tools.lm_data import LMWindows, evaluation_order, load_stdlib_corpus, training_order
 from dl_moe.tools.lm_model import (
     build_lm, forward_flops_per_token, mlp_flops, moe_layers, parameter_count, parameter_matched_width,
@@ -324,10 +324,7 @@ def summarize(runs, baseline=BASELINE):
         values = [r["val_bits_per_byte"] for r in mine]
         val_mean, val_std = mean_std(values)
         test_mean, test_std = mean_std([r["test_bits_per_byte"] for r in mine])
-        if name == baseline or not base:
-            p_value, d = math.nan, math.nan
-        else:
-            p_value, d = welch_t_test(values, base)[1], cohens_d(values, base)
+        p_value, d = (math.nan, math.nan) if name == baseline else versus_baseline(values, base)
         average = lambda key: float(np.mean([r[key] for r in mine]))  # noqa: E731
         rows.append({
             "variant": name, "seeds": len(mine), "parameters": mine[0]["parameters"],
