@@ -34,6 +34,8 @@ def test_demo_rejects_bad_epochs(capsys):
         (["compare", "--epochs", "-1"], "--epochs must be >= 1, got -1"),
         (["compare", "--seeds", "two"], "invalid int value: 'two'"),
         (["compare", "--bogus"], "unrecognized arguments: --bogus"),
+        (["compare", "--task", "lm", "--learning-rate", "0"], "--learning-rate must be > 0, got 0.0"),
+        (["compare", "--learning-rate", "1e-3"], "--steps, --batch-size and --learning-rate are for --task lm"),
     ],
 )
 def test_usage_errors_are_one_line_and_non_zero(argv, message, capsys):
@@ -42,6 +44,17 @@ def test_usage_errors_are_one_line_and_non_zero(argv, message, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dl-moe: error: ") and message in lines[0], captured.err
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_lm_compare_passes_the_learning_rate_to_every_model(monkeypatch):
+    from dl_moe.tools import compare_lm
+
+    calls = []
+    monkeypatch.setattr(compare_lm, "run_lm_compare", lambda **kwargs: calls.append(kwargs))
+    assert cli.main(["compare", "--task", "lm", "--routers", "dense_param", "--learning-rate", "5e-4"]) == 0
+    assert calls[0]["setup"] == {"learning_rate": 5e-4} and calls[0]["routers"] == ["dense_param"]
+    assert cli.main(["compare", "--task", "lm", "--quick"]) == 0
+    assert calls[1]["setup"] is None and calls[1]["quick"] is True
 
 
 def test_expected_failures_are_one_line_and_exit_1(tmp_path, capsys):

@@ -54,6 +54,10 @@ def _parser():
     compare.add_argument(
         "--batch-size", type=int, default=None, help="lm only: windows per training batch (default 32, --quick 16)"
     )
+    compare.add_argument(
+        "--learning-rate", type=float, default=None,
+        help="lm only: peak learning rate of every model (default 2e-3, --quick 3e-3)",
+    )
     compare.add_argument("--output-dir", default="outputs")
 
     commands.add_parser(
@@ -143,6 +147,8 @@ def _run(argv):
         return 0 if summary["reload_agrees"] else 1
     if args.command == "compare" and args.task == "lm":
         _require_positive(args, "steps", "seeds", "batch_size")
+        if args.learning_rate is not None and not args.learning_rate > 0:
+            raise UsageError(f"--learning-rate must be > 0, got {args.learning_rate}")
         if args.epochs is not None:
             raise UsageError("--epochs is for --task digits; --task lm counts --steps")
         from dl_moe.tools.compare_lm import parse_variants, run_lm_compare
@@ -154,12 +160,13 @@ def _run(argv):
         run_lm_compare(
             routers=variants, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
             output_dir=args.output_dir, quick=args.quick,
+            setup=None if args.learning_rate is None else {"learning_rate": args.learning_rate},
         )
         return 0
     if args.command == "compare":
         _require_positive(args, "epochs", "seeds")
-        if args.steps is not None or args.batch_size is not None:
-            raise UsageError("--steps and --batch-size are for --task lm")
+        if args.steps is not None or args.batch_size is not None or args.learning_rate is not None:
+            raise UsageError("--steps, --batch-size and --learning-rate are for --task lm")
         from dl_moe.tools.compare import parse_routers, run_compare
 
         try:
