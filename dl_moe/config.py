@@ -433,8 +433,10 @@ class GatingConfig(_CheckedConfig):
             its tokens), "top_p" (experts until a probability mass), "conditional" (k
             from a predicted difficulty), "confidence" (k from the router's
             uncertainty), "top_any" (per-expert trainable thresholds), "resonance"
-            (token- and expert-side affinity) and "ensemble" (a weighted mix of
-            routers); plug-ins via `dl_moe.gating.register_gating`.
+            (token- and expert-side affinity), "ensemble" (a weighted mix of
+            routers), "sigmoid" (DeepSeek-V3: top-k of sigmoid scores, optionally
+            group-limited) and "rmsnorm_linear" (linear router on RMS-normalised
+            tokens, Gemma 4); plug-ins via `dl_moe.gating.register_gating`.
         top_k: Experts per token (token-choice routers).
         capacity_factor: When set, the capacity factor for training *and* inference,
             taking precedence over `MoEConfig.train/eval_capacity_factor`.
