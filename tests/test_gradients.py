@@ -12,6 +12,7 @@ from tests.autodiff import gradients
 def analytic_gradients(layer, x, probe):
     """{"inputs" or weight name: d/d(x, weights) of sum(layer(x) * probe)} via autodiff."""
     variables = layer.trainable_variables
+    probe = ops.convert_to_tensor(probe)
     grads = gradients(lambda inputs: ops.sum(layer(inputs) * probe), x, variables=variables)
     names = ["inputs"] + [v.path.split("/")[-1] for v in variables]
     return {n: np.asarray(g, dtype="float64") for n, g in zip(names, grads)}
