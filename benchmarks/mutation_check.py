@@ -205,9 +205,9 @@ MUTANTS = [
     ),
     Mutant(
         "hierarchical_without_group_probability",
-        "hierarchical p(e) = p(e | group), leaving out p(group)",
-        "probs = ops.reshape(ops.expand_dims(group_probs, -1) * within, (-1, self.num_experts))",
-        "probs = ops.reshape(within + 0 * ops.expand_dims(group_probs, -1), (-1, self.num_experts))",
+        "hierarchical p(node) = p(node | parent), leaving out p(parent)",
+        "probs = ops.reshape(ops.expand_dims(probs, -1) * within, (-1, nodes))",
+        "probs = ops.reshape(within + 0 * ops.expand_dims(probs, -1), (-1, nodes))",
         ("tests/test_hierarchical.py::-k numpy_reference",),
     ),
     Mutant(

@@ -16,7 +16,6 @@ from dl_moe.registry import EXPERT_TYPES, GATING_TYPES
 FFN_TYPES = ("mlp", "swiglu", "geglu", "geglu_tanh", "clamped_swiglu")
 ROUTING_DTYPES = ("float32", "bfloat16", "float16")
 CONV_PADDINGS = ("same", "valid")
-MAX_ROUTING_LEVELS = 2
 OVERFLOW_MODES = ("drop", "reroute")
 
 
@@ -134,12 +133,64 @@ def _json_dict(owner, name, value):
 
 
 def _routing_levels(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value != MAX_ROUTING_LEVELS:
-        _fail(
-            owner, name, value,
-            "2 (two-level routing: groups, then experts inside them; deeper routing trees are not implemented)",
-        )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        _fail(owner, name, value, "an integer >= 2 (levels of the routing tree, the experts included)")
     return value
+
+
+def _routing_tree_shape(owner, name, value):
+    """None, or a tuple of >= 2 positive ints (a JSON list becomes a tuple)."""
+    if value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+        if len(value) >= 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            return value
+    _fail(owner, name, value, "None or a tuple of >= 2 positive integers (children per node, root level first)")
+
+
+def _factorizations(number, levels):
+    """Every ordered tuple of `levels` positive ints whose product is `number`."""
+    if levels == 1:
+        yield (number,)
+        return
+    for first in range(1, number + 1):
+        if number % first == 0:
+            for rest in _factorizations(number // first, levels - 1):
+                yield (first, *rest)
+
+
+def routing_tree_fits(shape, top_k, top_k_groups):
+    """Whether a routing tree `shape` can serve `top_k` experts with a beam of `top_k_groups`.
+
+    Every level above the experts splits each node into >= 2 children, the beam fits
+    into the root level (`top_k_groups <= shape[0]`) and the kept leaves' parents hold
+    at least `top_k` experts (`top_k <= top_k_groups * shape[-1]`).
+    """
+    return (
+        all(b >= 2 for b in shape[:-1]) and shape[-1] >= 1
+        and top_k_groups <= shape[0] and top_k <= top_k_groups * shape[-1]
+    )
+
+
+def default_routing_tree_shape(num_experts, levels, top_k, top_k_groups, root=None):
+    """The most even split of `num_experts` into `levels` levels that fits (or None).
+
+    Among the ordered splits E = b_1 * ... * b_L allowed by `routing_tree_fits` (with
+    b_1 = `root` when given), the one
+    whose factors, sorted from largest to smallest, are lexicographically smallest (the
+    largest branching as small as possible, then the second largest, ...); among
+    reorderings of the same factors, the smaller ones nearer the root. E.g. 64 experts:
+    8 x 8 over two levels, 4 x 4 x 4 over three; 128 over three: 4 x 4 x 8. For two
+    levels this is the number of groups closest to sqrt(E), ties to the smaller.
+    """
+    candidates = [
+        s for s in _factorizations(num_experts, levels)
+        if routing_tree_fits(s, top_k, top_k_groups) and root in (None, s[0])
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda s: (sorted(s, reverse=True), s))
 
 
 def _activation(owner, name, value):
@@ -382,8 +433,10 @@ class GatingConfig(_CheckedConfig):
             its tokens), "top_p" (experts until a probability mass), "conditional" (k
             from a predicted difficulty), "confidence" (k from the router's
             uncertainty), "top_any" (per-expert trainable thresholds), "resonance"
-            (token- and expert-side affinity) and "ensemble" (a weighted mix of
-            routers); plug-ins via `dl_moe.gating.register_gating`.
+            (token- and expert-side affinity), "ensemble" (a weighted mix of
+            routers), "sigmoid" (DeepSeek-V3: top-k of sigmoid scores, optionally
+            group-limited) and "rmsnorm_linear" (linear router on RMS-normalised
+            tokens, Gemma 4); plug-ins via `dl_moe.gating.register_gating`.
         top_k: Experts per token (token-choice routers).
         capacity_factor: When set, the capacity factor for training *and* inference,
             taking precedence over `MoEConfig.train/eval_capacity_factor`.
@@ -571,18 +624,35 @@ class MoEConfig(_CheckedConfig):
         dropless_block_size: Rows per block in dropless mode (None: chosen from T*k/E).
             Each expert's group is padded to a multiple of it, so at most
             E * (block - 1) padding rows are computed.
-        hierarchical_routing: Two-level routing: a group router picks `top_k_groups` of
-            `num_expert_groups` groups of consecutive experts, then an expert router picks
-            `top_k` experts inside the chosen groups (p(e) = p(group) * p(e | group)).
-            Uses the `gating_type` router class for both levels; token-choice only.
-            (The "sigmoid" router's group-limited selection reads `num_expert_groups`
-            and `top_k_groups` without hierarchical routing.)
-        num_routing_levels: Levels of the routing tree; only 2 (groups, then experts) is
-            implemented, so any other value is a `ValueError`.
-        num_expert_groups: Hierarchical routing: number of expert groups (must divide
-            num_experts; None: the divisor closest to sqrt(num_experts) that leaves room
-            for top_k experts).
-        top_k_groups: Hierarchical routing: groups chosen per token (default 1).
+        hierarchical_routing: Tree routing (`HierarchicalGating`): the experts are the
+            leaves of a tree of groups of consecutive experts (`routing_tree_shape`);
+            one router per level scores its nodes, p(node) = p(parent) * softmax over
+            the node and its siblings, so p(e) is the product of the per-level
+            softmaxes along e's path. At every level above the experts the token keeps
+            its `top_k_groups` best nodes (by p) among the children of the nodes kept
+            one level up, then its `top_k` best experts inside them. Two levels: a
+            group router picks `top_k_groups` of `num_expert_groups` groups, then an
+            expert router picks `top_k` experts inside them (p(e) = p(group) *
+            p(e | group)). Uses the `gating_type` router class at every level;
+            token-choice only. (The "sigmoid" router's group-limited selection reads
+            `num_expert_groups` and `top_k_groups` without hierarchical routing.)
+        num_routing_levels: Hierarchical routing: levels L >= 2 of the tree, the experts
+            included (2: groups, then experts; 3 with 64 experts: 4 x 4 x 4). Must equal
+            len(routing_tree_shape) when that is set.
+        routing_tree_shape: Hierarchical routing: children per node at each level, root
+            first, e.g. (4, 4, 4): 4 groups of 16 experts, each of 4 subgroups of 4
+            experts; expert e sits at index e of the row-major `[b_1, ..., b_L]` array.
+            The product must be num_experts, every level above the experts splits in
+            >= 2, top_k_groups <= b_1 and top_k <= top_k_groups * b_L. None: b_1 =
+            `num_expert_groups` when set, and the rest (or all) is the most even split
+            of the remaining experts (see `default_routing_tree_shape`: the largest
+            branching as small as possible, smaller factors nearer the root; for two
+            levels the divisor of num_experts closest to sqrt(num_experts) that fits).
+        num_expert_groups: Hierarchical routing: groups at the root level b_1 (must divide
+            num_experts; None: from the default split). Not together with
+            `routing_tree_shape`.
+        top_k_groups: Hierarchical routing: nodes kept per token at every level above
+            the experts (default 1).
         num_shared_experts: DeepSeekMoE shared experts: every token also goes through a
             dense FFN equal to this many FFN experts (hidden width
             num_shared_experts * intermediate_size), added to the routed output. 0 disables.
@@ -619,6 +689,7 @@ class MoEConfig(_CheckedConfig):
     dropless_block_size: Optional[int] = _field(None, _positive_int(optional=True))
     hierarchical_routing: bool = _field(False, _boolean)
     num_routing_levels: int = _field(2, _routing_levels)
+    routing_tree_shape: Optional[tuple] = _field(None, _routing_tree_shape)
     num_expert_groups: Optional[int] = _field(None, _positive_int(optional=True))
     top_k_groups: int = _field(1, _positive_int())
     num_shared_experts: int = _field(0, _non_negative_int)
@@ -707,6 +778,11 @@ class MoEConfig(_CheckedConfig):
                 f"experts, got top_k={self.gating_config.top_k}, gating_type={self.gating_config.gating_type!r}, "
                 f"expert_type={self.expert_config.expert_type!r}."
             )
+        if not self.hierarchical_routing and (self.num_routing_levels != 2 or self.routing_tree_shape is not None):
+            raise ValueError(
+                "MoEConfig.num_routing_levels / routing_tree_shape are only used with hierarchical_routing=True, "
+                f"got num_routing_levels={self.num_routing_levels!r}, routing_tree_shape={self.routing_tree_shape!r}."
+            )
         if getattr(gating_cls, "reads_expert_groups", False):
             if self.hierarchical_routing:
                 raise ValueError(
@@ -729,7 +805,7 @@ class MoEConfig(_CheckedConfig):
                 "MoEConfig.hierarchical_routing=True needs a token-choice router, got "
                 f"gating_type={self.gating_config.gating_type!r}."
             )
-        self.resolved_num_expert_groups  # raises when no grouping fits
+        self.resolved_routing_tree_shape  # raises when no tree fits
 
     def _check_unread_ffn_fields(self, expert_cls):
         expert = self.expert_config
@@ -745,30 +821,45 @@ class MoEConfig(_CheckedConfig):
                 )
 
     @property
-    def resolved_num_expert_groups(self):
-        """Number of expert groups of hierarchical routing (see `num_expert_groups`)."""
-        experts, top_k, per_token = self.num_experts, self.gating_config.top_k, self.top_k_groups
-
-        def fits(groups):
-            return experts % groups == 0 and per_token <= groups and top_k <= per_token * (experts // groups)
-
-        if self.num_expert_groups is not None:
-            groups = self.num_expert_groups
-            if not 2 <= groups <= experts or not fits(groups):
+    def resolved_routing_tree_shape(self):
+        """Hierarchical routing's children per node at each level, root first (see `routing_tree_shape`)."""
+        experts, levels = self.num_experts, self.num_routing_levels
+        top_k, per_token, groups = self.gating_config.top_k, self.top_k_groups, self.num_expert_groups
+        rule = (
+            f"every level above the experts splitting in >= 2, top_k_groups={per_token} <= b_1 and "
+            f"top_k={top_k} <= top_k_groups * b_L"
+        )
+        shape = self.routing_tree_shape
+        if shape is not None:
+            if groups is not None:
                 raise ValueError(
-                    f"MoEConfig.num_expert_groups must be a divisor of num_experts={experts} in "
-                    f"[2, {experts}] with top_k_groups={per_token} <= groups and top_k={top_k} <= "
-                    f"top_k_groups * group size, got {groups}."
+                    f"MoEConfig.num_expert_groups={groups!r} and routing_tree_shape={shape!r} both set the root "
+                    "groups; set only routing_tree_shape."
                 )
-            return groups
-        candidates = [g for g in range(2, experts + 1) if fits(g)]
-        if not candidates:
+            if len(shape) != levels:
+                raise ValueError(
+                    f"MoEConfig.routing_tree_shape={shape!r} has {len(shape)} levels but num_routing_levels="
+                    f"{levels}; set num_routing_levels={len(shape)}."
+                )
+            if math.prod(shape) != experts or not routing_tree_fits(shape, top_k, per_token):
+                raise ValueError(
+                    f"MoEConfig.routing_tree_shape must be {levels} factors (b_1, ..., b_L) of num_experts="
+                    f"{experts} with {rule}, got {shape!r}."
+                )
+            return shape
+        shape = default_routing_tree_shape(experts, levels, top_k, per_token, root=groups)
+        if shape is None and groups is not None:
             raise ValueError(
-                f"MoEConfig.hierarchical_routing=True: no number of groups >= 2 divides "
-                f"num_experts={experts} with top_k={top_k} <= top_k_groups={per_token} * group "
-                f"size and top_k_groups <= groups; change num_experts, top_k or top_k_groups."
+                f"MoEConfig.num_expert_groups must be a divisor b_1 of num_experts={experts} in [2, {experts}] "
+                f"that leaves a tree of num_routing_levels={levels} levels with {rule}, got {groups}."
             )
-        return min(candidates, key=lambda g: (abs(g - math.sqrt(experts)), g))
+        if shape is None:
+            raise ValueError(
+                f"MoEConfig.hierarchical_routing=True: num_experts={experts} cannot be split into "
+                f"num_routing_levels={levels} levels with {rule}; change num_experts, num_routing_levels, "
+                "top_k or top_k_groups."
+            )
+        return shape
 
     def capacity_factor(self, training):
         """The capacity factor in force for `training` (bool)."""

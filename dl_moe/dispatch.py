@@ -4,10 +4,15 @@ Shapes (letters used below): T tokens, k choices per token, E experts, N = T*k
 assignments, G groups of R rows that the expert bank processes (`[G, R, d]`).
 
 * Capacity mode: G = E groups of R = C rows, C = ceil(cf*T*k/E) rounded up to a
-  multiple of 8. Assignments past an expert's C rows are dropped.
+  multiple of 8. Assignments past an expert's C rows are dropped. The expert capacity
+  of Lepikhin et al. 2020, "GShard" (arXiv:2006.16668), with the capacity factor cf of
+  Fedus, Zoph and Shazeer 2021, "Switch Transformers" (arXiv:2101.03961).
 * Dropless mode: groups are blocks of R = b rows, each owned by one expert
   (`group_expert [G]`); every expert's assignments are padded to whole blocks, so the
-  rows computed are at most N + E*(b - 1) and nothing is dropped.
+  rows computed are at most N + E*(b - 1) and nothing is dropped. The block-sparse
+  formulation of Gale et al. 2022, "MegaBlocks: Efficient Sparse Training with
+  Mixture-of-Experts" (arXiv:2211.15841), with dense blocks gathered instead of
+  block-sparse kernels.
 
 Both modes order the N assignments by the unique integer key `expert * N + priority`,
 with priority = choice * T + token: every token's first choice goes before any second
@@ -437,7 +442,7 @@ def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
 
 
 def dispatch_soft(groups, dispatch_weights, num_experts):
-    """Soft MoE dispatch: every slot is a weighted mix of its group's tokens.
+    """Soft MoE dispatch (Puigcerver et al. 2023, arXiv:2308.00951): every slot mixes its group's tokens.
 
     Args:
         groups: `[B, S, d]` tokens, one group per sequence.

@@ -1,4 +1,18 @@
-"""Router balancing losses (all computed in the routing dtype, unscaled)."""
+"""Router balancing losses (all computed in the routing dtype, unscaled).
+
+* `load_balancing_loss`: E * sum_e f_e * P_e of Fedus, Zoph and Shazeer 2021,
+  "Switch Transformers" (arXiv:2101.03961), after the auxiliary loss of Lepikhin et
+  al. 2020, "GShard" (arXiv:2006.16668).
+* `router_z_loss`: mean logsumexp(logits)^2 of Zoph et al. 2022, "ST-MoE: Designing
+  Stable and Transferable Sparse Expert Models" (arXiv:2202.08906).
+* `importance_loss`: CV^2 of the per-expert routing weight, Shazeer et al. 2017,
+  "Outrageously Large Neural Networks" (arXiv:1701.06538).
+* `router_entropy_loss`: the mean entropy of the router's distribution, the dynamic
+  loss of Huang et al. 2024, "Harder Tasks Need More Experts" (arXiv:2403.07652).
+
+The auxiliary-loss-free alternative (a selection bias, no loss) lives with the
+routers (`BaseGating.update_expert_bias`).
+"""
 
 from keras import ops
 

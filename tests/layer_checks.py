@@ -11,39 +11,19 @@ import keras
 import numpy as np
 from keras import ops
 
+from tests.autodiff import gradients
+
 BACKEND = keras.backend.backend()
 
 
 def trainable_gradients(layer, inputs, training=True):
     """Gradient of sum(outputs^2) + the layer's losses w.r.t. every trainable weight, as numpy."""
     variables = layer.trainable_variables
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
 
-        with tf.GradientTape() as tape:
-            out = layer(inputs, training=training)
-            loss = tf.reduce_sum(tf.square(out)) + sum(layer.losses)
-        grads = tape.gradient(loss, [v.value for v in variables])
-    elif BACKEND == "jax":
-        import jax
+    def loss():
+        return ops.sum(ops.square(layer(inputs, training=training))) + sum(layer.losses)
 
-        def loss_fn(trainable):
-            non_trainable = [v.value for v in layer.non_trainable_variables]
-            out, _, losses = layer.stateless_call(
-                trainable, non_trainable, inputs, training=training, return_losses=True
-            )
-            return ops.sum(ops.square(out)) + sum(losses)
-
-        grads = jax.grad(loss_fn)([v.value for v in variables])
-    else:
-        import torch
-
-        out = layer(inputs, training=training)
-        loss = torch.sum(torch.square(out)) + sum(layer.losses)
-        grads = torch.autograd.grad(loss, [v.value for v in variables], allow_unused=True)
-    return {
-        v.path: (None if g is None else np.asarray(ops.convert_to_numpy(g))) for v, g in zip(variables, grads)
-    }
+    return {v.path: g for v, g in zip(variables, gradients(loss, variables=variables))}
 
 
 def classifier(layer_factory, input_shape, num_classes=3):

@@ -62,6 +62,8 @@ def test_export_with_a_symbolic_batch_serves_the_same_outputs(tmp_path):
         for index, gating_type in enumerate(GATING_TYPES.names())
     ]
     branches.append(make_moe("linear", drop_tokens=False, hierarchical_routing=True, num_shared_experts=1)(inputs))
+    # Three routing levels (2 x 2 x 1 over the 4 experts, a beam of 2 groups per level).
+    branches.append(make_moe("linear", hierarchical_routing=True, num_routing_levels=3, top_k_groups=2)(inputs))
     model = keras.Model(inputs, keras.layers.Concatenate()(branches))
     path = os.path.join(tmp_path, "served")
     model.export(path, format="tf_saved_model", verbose=False)

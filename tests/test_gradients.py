@@ -2,42 +2,20 @@
 
 import numpy as np
 import pytest
+from keras import ops
 
 import dl_moe
 from tests import reference
-from tests.layer_checks import BACKEND
+from tests.autodiff import gradients
 
 
 def analytic_gradients(layer, x, probe):
-    """d/d(x, weights) of sum(layer(x) * probe), via the backend's autodiff."""
-    from keras import ops
-
+    """{"inputs" or weight name: d/d(x, weights) of sum(layer(x) * probe)} via autodiff."""
     variables = layer.trainable_variables
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        x_t = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x_t)
-            loss = tf.reduce_sum(layer(x_t) * probe)
-        grads = tape.gradient(loss, [x_t] + [v.value for v in variables])
-    elif BACKEND == "jax":
-        import jax
-
-        def loss_fn(x_in, trainable):
-            out, _ = layer.stateless_call(trainable, [v.value for v in layer.non_trainable_variables], x_in)
-            return ops.sum(out * probe)
-
-        gx, gw = jax.grad(loss_fn, argnums=(0, 1))(x, [v.value for v in variables])
-        grads = [gx] + list(gw)
-    else:
-        import torch
-
-        x_t = torch.tensor(x, requires_grad=True)
-        loss = torch.sum(layer(x_t) * torch.tensor(probe))
-        grads = torch.autograd.grad(loss, [x_t] + [v.value for v in variables])
+    probe = ops.convert_to_tensor(probe)
+    grads = gradients(lambda inputs: ops.sum(layer(inputs) * probe), x, variables=variables)
     names = ["inputs"] + [v.path.split("/")[-1] for v in variables]
-    return {n: np.asarray(ops.convert_to_numpy(g), dtype="float64") for n, g in zip(names, grads)}
+    return {n: np.asarray(g, dtype="float64") for n, g in zip(names, grads)}
 
 
 def numeric_gradient(f, value, eps=1e-5):

@@ -16,7 +16,7 @@ from dl_moe.registry import GATING_TYPES
 def build_router(layer, input_shape):
     """The layer's token router `[T, d]` → decision (token- and expert-choice kinds).
 
-    `hierarchical_routing`: a `HierarchicalGating` of two routers of the configured type.
+    `hierarchical_routing`: a `HierarchicalGating`, one router of the configured type per tree level.
     """
     hidden_dim = layer.config.expert_config.hidden_dim
     if layer.config.hierarchical_routing:

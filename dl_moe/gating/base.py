@@ -19,7 +19,8 @@ layer sizes expert capacity for (C = ceil(cf * T * expected_k / E)).
 Expert-choice routers (`routing_kind = "expert_choice"`) return
 `(weights [E, C], token_indices [E, C], info)`: the tokens each expert picked.
 
-Auxiliary-loss-free balancing (DeepSeek-V3): with `use_expert_bias=True` the router
+Auxiliary-loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing
+Strategy for Mixture-of-Experts", arXiv:2408.15664; used by DeepSeek-V3): with `use_expert_bias=True` the router
 holds a non-trainable per-expert bias b `[E]` that is added to the scores for
 *selection only* (`select_top_k(..., bias=self.selection_bias())`); the layer calls
 `update_expert_bias(load)` in every training call, b_e += rate * sign(mean(load) -

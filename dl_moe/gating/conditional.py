@@ -1,4 +1,10 @@
-"""Difficulty-conditional router (seed 000): a learned head decides how many experts."""
+"""Difficulty-conditional router: a small learned head predicts how many experts a token needs.
+
+The head predicts a difficulty in [0, 1] per token (trained to match the router's
+normalised entropy), and k interpolates between `min_experts` and `max_experts`
+across two thresholds. It has no paper of its own; the published dynamic-k routers
+here are "top_p" (Huang et al. 2024) and "top_any" (Guo et al. 2024).
+"""
 
 import keras
 from keras import ops

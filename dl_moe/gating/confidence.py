@@ -1,4 +1,10 @@
-"""Confidence-based dynamic-k router (seed 001; after Huang et al. 2024)."""
+"""Confidence-based dynamic-k router: fewer experts for confident tokens, more for uncertain ones.
+
+k grows linearly with a complexity score that mixes 1 - max p and the normalised
+entropy of the router's distribution. It has no paper of its own; it follows the idea
+of Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"
+(arXiv:2403.07652), whose threshold rule is the "top_p" router.
+"""
 
 import keras
 from keras import ops
@@ -23,7 +29,7 @@ class ConfidenceGating(ExpertCountRange, BaseGating):
         complexity = clip(complexity * layer_depth_scale, 0, 1)
         k          = min_experts + round(complexity * (max_experts - min_experts))
 
-    (with `min_experts = 1` this is seed 001's k = 1 + round(complexity * (max - 1))).
+    (with `min_experts = 1`: k = 1 + round(complexity * (max - 1))).
     The k most probable experts are kept (ranked by p plus the aux-free bias when
     balancing is "aux_free"); weights are their raw p (renormalised when
     `normalize_top_k`). The complexity carries no gradient: k is discrete.

@@ -1,4 +1,11 @@
-"""Cosine router (X-MoE, Chi et al. 2022): routing on the hypersphere."""
+"""Cosine router: logits are scaled cosines between projected tokens and expert embeddings.
+
+Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of Experts"
+(X-MoE, arXiv:2204.09179): tokens are projected to a low dimension and scored
+against L2-normalised expert embeddings on the hypersphere, with a learnable
+temperature, so that routing does not pull token representations onto the expert
+centroids.
+"""
 
 import math
 

@@ -1,4 +1,9 @@
-"""Router ensemble (seed 001): a weighted vote of several routers, then top-k."""
+"""Router ensemble: a weighted vote of several routers' weight matrices, then top-k.
+
+A combination of the other routers (no paper of its own): the members route as
+usual, their decisions are averaged as dense `[T, E]` weights, and the ensemble
+keeps the top-k.
+"""
 
 import dataclasses
 

@@ -1,4 +1,10 @@
-"""Expert-choice router (Zhou et al. 2022): every expert picks its top tokens."""
+"""Expert-choice router: every expert picks its top-C tokens instead of tokens picking experts.
+
+Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing"
+(arXiv:2202.09368): each expert takes the C tokens with the highest router
+probability for it, so the load is balanced by construction and a token may get any
+number of experts (0 to E); not causal.
+"""
 
 import math
 

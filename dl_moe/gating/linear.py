@@ -1,4 +1,14 @@
-"""Linear top-k router (Switch / GShard / Mixtral), with optional noise."""
+"""Linear top-k router: p = softmax(x W), each token keeps its k most probable experts.
+
+The gate of Shazeer et al. 2017, "Outrageously Large Neural Networks: The
+Sparsely-Gated Mixture-of-Experts Layer" (arXiv:1701.06538), with its optional noisy
+top-k (learned, input-dependent Gaussian noise on the logits in training). Top-2 is
+the router of Lepikhin et al. 2020, "GShard: Scaling Giant Models with Conditional
+Computation and Automatic Sharding" (arXiv:2006.16668) and of Jiang et al. 2024,
+"Mixtral of Experts" (arXiv:2401.04088); top-1 with multiplicative input jitter that
+of Fedus, Zoph and Shazeer 2021, "Switch Transformers: Scaling to Trillion Parameter
+Models with Simple and Efficient Sparsity" (arXiv:2101.03961).
+"""
 
 import keras
 from keras import ops

@@ -1,4 +1,10 @@
-"""Expert-token resonance router (seed 001): tokens pick experts, experts pick tokens."""
+"""Expert-token resonance router: a blend of token->expert and expert->token affinities, then top-k.
+
+Tokens rank experts (a softmax over experts, as in the linear router) and experts
+rank tokens (a softmax over the tokens of the call, as in expert choice routing,
+Zhou et al. 2022, arXiv:2202.09368); the top-k of the blend is kept. It has no paper
+of its own; not causal.
+"""
 
 import keras
 from keras import ops

@@ -1,4 +1,8 @@
-"""Linear router on RMS-normalised, per-dimension scaled tokens (Gemma 4)."""
+"""Linear router on RMS-normalised, per-dimension scaled tokens.
+
+The router of Google's Gemma 4 MoE models (no paper): rms_norm(x), a
+learned per-dimension scale and d^-1/2, then the linear top-k router.
+"""
 
 import keras
 from keras import ops

@@ -1,4 +1,13 @@
-"""Sigmoid router (DeepSeek-V3), with optional group-limited selection; Llama 4's top-1."""
+"""Sigmoid router: independent per-expert sigmoid scores, top-k on the scores plus a bias.
+
+DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (arXiv:2412.19437): scores =
+sigmoid(x W); the selection adds the auxiliary-loss-free balancing bias of Wang et
+al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"
+(arXiv:2408.15664) and can be limited to each token's best groups of experts; the
+weights are the selected unbiased scores, optionally renormalised, and scaled. With
+top_k=1 and a shared expert it is also the router of Meta's Llama 4 models (2025; no
+paper).
+"""
 
 import keras
 from keras import ops

@@ -1,4 +1,10 @@
-"""Soft MoE router (Puigcerver et al. 2023): every slot is a mix of tokens."""
+"""Soft MoE router: every expert slot is a softmax-weighted mix of all tokens.
+
+Puigcerver, Riquelme, Mustafa and Houlsby 2023, "From Sparse to Soft Mixtures of
+Experts" (arXiv:2308.00951): dispatch weights are a softmax over the tokens of a
+sequence per slot, combine weights a softmax over the slots per token, so nothing is
+dropped and no balancing loss is needed; not causal.
+"""
 
 import math
 

@@ -1,4 +1,9 @@
-"""Top-any router (DynMoE, Guo et al. 2024): every expert has its own trainable threshold."""
+"""Top-any router: an expert fires for a token when their cosine exceeds its trainable threshold.
+
+Guo et al. 2024, "Dynamic Mixture of Experts: An Auto-Tuning Approach for Efficient
+Transformer Models" (DynMoE, arXiv:2405.14297): each token uses any number of
+experts, trained through a straight-through gate.
+"""
 
 import math
 import statistics

@@ -1,4 +1,10 @@
-"""Top-p (nucleus) router (Huang et al. 2024, "Harder Tasks Need More Experts")."""
+"""Top-p router: each token keeps its most probable experts until their mass reaches p.
+
+Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"
+(ACL 2024, arXiv:2403.07652): a confident token uses one expert and an uncertain one
+several; their dynamic (entropy) loss keeps the router from flattening its
+distribution to buy more experts (`GatingConfig.entropy_loss_weight`).
+"""
 
 import math
 
