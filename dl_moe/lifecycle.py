@@ -30,8 +30,9 @@ capacity; tested in tests/test_lifecycle.py):
 
 1. A token whose selected experts did not include s has exactly the same output
    (its probabilities are unchanged and the halves, at p_s / 2, rank below s). With
-   `router_noise` its weights are scaled by Z / Z' = 1 / (1 + p_s * (cosh(d) - 1)),
-   d the halves' logit perturbation: a second-order change.
+   `router_noise` (halves' logits z_s - log 2 +- d) the same holds where |d| < log 2
+   (neither half then outranks s's old logit), with its weights scaled by
+   Z / Z' = 1 / (1 + p_s * (cosh(d) - 1)): a second-order change.
 2. With dense routing (top_k >= live experts) a token's output changes by exactly
    (p_s / 2) * (f_t(x) - f_s(x)): only the perturbation, ||dy|| <= p_s / 2 * ||f_t - f_s||.
 3. With sparse top-k, a token that selected s may now select another expert in place
@@ -291,10 +292,11 @@ class ExpertLifecycle(keras.callbacks.Callback):
     assignments since its last check, so it never resets the statistics other
     callbacks read) and, per layer, in this order:
 
-    1. retires every live expert whose share stayed below `retire_threshold` for
+    1. with `merge_threshold`, merges live pairs whose router rows and expert weights
+       both have cosine similarity above it (the lower index is kept; first, since a
+       duplicate that top-k starves would otherwise look idle);
+    2. retires every live expert whose share stayed below `retire_threshold` for
        `patience` checks (lowest share first, keeping `min_active_experts` live);
-    2. with `merge_threshold`, merges live pairs whose router rows and expert weights
-       both have cosine similarity above it (the lower index is kept);
     3. splits every live expert whose share stayed above `split_threshold` for
        `patience` checks (highest share first) into the lowest free slot, while the
        layer has fewer than `max_active_experts` live experts.
@@ -481,13 +483,14 @@ class ExpertLifecycle(keras.callbacks.Callback):
         over[:] = np.where(hot, over + 1, 0)
         under[:] = np.where(cold, under + 1, 0)
         optimizer = getattr(self.model, "optimizer", None)
+        if self.merge_threshold is not None:
+            self._merge(layer, optimizer)
         for expert in np.argsort(shares, kind="stable"):
-            if under[expert] >= self.patience and _state(layer)[0].sum() > self.min_active_experts:
+            live, _ = _state(layer)
+            if live[expert] and under[expert] >= self.patience and live.sum() > self.min_active_experts:
                 retire_expert(layer, int(expert))
                 self._event(layer, "retire", [int(expert)])
                 over[expert] = under[expert] = 0
-        if self.merge_threshold is not None:
-            self._merge(layer, optimizer)
         cap = self.max_active_experts or layer.config.num_experts
         for expert in np.argsort(-shares, kind="stable"):
             live, _ = _state(layer)
