@@ -612,7 +612,7 @@ class MoEConfig(_CheckedConfig):
             `dl_moe.lifecycle.ExpertLifecycle` can split, merge and retire experts
             during training without changing any weight shape (see
             `dl_moe.lifecycle`). Needs a router with `supports_expert_mask`
-            ("linear", "cosine", "top_p").
+            ("linear", "rmsnorm_linear", "cosine", "top_p").
     """
 
     num_experts: int = _field(8, _positive_int())

@@ -376,7 +376,7 @@ def test_callback_needs_a_masked_layer():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"gating_config": {"gating_type": "expert_choice"}}, r"gating_type in \['linear', 'cosine', 'top_p'\]"),
+        ({"gating_config": {"gating_type": "expert_choice"}}, r"gating_type in \['cosine', 'linear', 'rmsnorm_linear', 'top_p'\]"),
         ({"gating_config": {"gating_type": "softmoe"}}, "gating_type in"),
         ({"initial_active_experts": 5}, r"initial_active_experts must be in \[1, num_experts=4\]"),
         ({"initial_active_experts": 0}, "initial_active_experts"),
