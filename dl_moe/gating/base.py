@@ -194,7 +194,7 @@ class BaseGating(keras.layers.Layer):
             return None
         if not self.has_expert_mask:
             return self.expert_bias
-        return ops.where(self.live_experts(), self.expert_bias, DEAD_LOGIT)
+        return ops.where(self.live_experts(), ops.convert_to_tensor(self.expert_bias), DEAD_LOGIT)
 
     def update_expert_bias(self, load):
         """b_e += rate * sign(mean(load) - load_e), from this call's per-expert load `[E]`.
