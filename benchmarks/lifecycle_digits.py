@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=20, help="steps between lifecycle checks")
     parser.add_argument("--split-threshold", type=float, default=0.2)
     parser.add_argument("--retire-threshold", type=float, default=0.01)
-    parser.add_argument("--patience", type=int, default=1)
+    parser.add_argument("--patience", type=int, default=2, help="checks a split/retire condition must hold")
     parser.add_argument("--output-dir", default="lifecycle_digits")
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
