@@ -675,6 +675,14 @@ class MoEConfig(_CheckedConfig):
             routers only).
         reroute_attempts: With overflow="reroute", fallback experts a token tries at
             most (None: all E - 1; fewer rounds cost less).
+        initial_active_experts: None (every expert is always live) or the number n of
+            experts live when the layer is built: the router then holds an
+            active-expert mask `active_experts [E]` (experts 0..n-1 live) and a
+            per-expert `expert_logit_offset [E]`, both non-trainable variables, so
+            `dl_moe.lifecycle.ExpertLifecycle` can split, merge and retire experts
+            during training without changing any weight shape (see
+            `dl_moe.lifecycle`). Needs a router with `supports_expert_mask`
+            ("linear", "rmsnorm_linear", "cosine", "top_p").
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -699,6 +707,7 @@ class MoEConfig(_CheckedConfig):
     expert_parallel: bool = _field(False, _boolean)
     overflow: str = _field("drop", _one_of(OVERFLOW_MODES))
     reroute_attempts: Optional[int] = _field(None, _positive_int(optional=True))
+    initial_active_experts: Optional[int] = _field(None, _positive_int(optional=True))
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):
@@ -722,6 +731,29 @@ class MoEConfig(_CheckedConfig):
         self.gating_config.validate_for_layer(self)
         self._validate_catalog()
         self._validate_overflow()
+        self._validate_active_experts()
+
+    def _validate_active_experts(self):
+        """initial_active_experts: 1 <= n <= E, a router that takes the expert mask, one routing level."""
+        n = self.initial_active_experts
+        if n is None:
+            return
+        if n > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.initial_active_experts must be in [1, num_experts={self.num_experts}], got {n}."
+            )
+        gating_cls = GATING_TYPES.get(self.gating_config.gating_type)
+        if not getattr(gating_cls, "supports_expert_mask", False):
+            allowed = [t for t in GATING_TYPES.names() if getattr(GATING_TYPES.get(t), "supports_expert_mask", False)]
+            raise ValueError(
+                f"MoEConfig.initial_active_experts needs a router that takes an active-expert mask, "
+                f"gating_type in {allowed}; got gating_type={self.gating_config.gating_type!r}."
+            )
+        if self.hierarchical_routing:
+            raise ValueError(
+                "MoEConfig.initial_active_experts is not supported with hierarchical_routing=True "
+                "(the group router has no per-expert mask)."
+            )
 
     def _validate_overflow(self):
         """overflow="reroute" needs capacity mode and a token-choice router."""

@@ -189,9 +189,15 @@ class MixtureOfExperts(keras.layers.Layer):
             `overflow="reroute"` moved to another expert; 0 otherwise), `load_cv` (coefficient of variation of the per-expert load),
             `tokens`, when computed in training the unscaled `aux_loss`, `z_loss`,
             `importance_loss`, `entropy_loss`, and with `balancing="aux_free"` the
-            router's current `expert_bias` (numpy `[E]`).
+            router's current `expert_bias` (numpy `[E]`). With an active-expert mask
+            (`MoEConfig.initial_active_experts`) also `active_experts` (numpy bool
+            `[E]`), and `load_cv` is over the live experts.
         """
         return statistics.routing_stats(self)
+
+    def get_active_experts(self):
+        """numpy bool `[E]`: the live experts (all True without an active-expert mask)."""
+        return statistics.live_expert_mask(self)
 
     def route(self, inputs, training=False, mask=None):
         """The routing decision for `inputs`, for inspection and plots (eager only).

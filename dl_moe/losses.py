@@ -27,7 +27,7 @@ def _masked_mean(values, token_weight):
     return ops.sum(values * token_weight, axis=0) / ops.maximum(ops.sum(token_weight, axis=0), 1.0)
 
 
-def load_balancing_loss(router_probs, routed_per_expert, token_weight=None):
+def load_balancing_loss(router_probs, routed_per_expert, token_weight=None, num_experts=None):
     """Switch/GShard load-balancing loss E * sum_e f_e * P_e.
 
     f_e is the share of the (active) T*k assignments that chose expert e and P_e the
@@ -38,15 +38,19 @@ def load_balancing_loss(router_probs, routed_per_expert, token_weight=None):
         router_probs: `[T, E]` router probabilities.
         routed_per_expert: `[E]` assignments per expert.
         token_weight: `[T]` 1 for real tokens, 0 for padding (None: all real).
+        num_experts: The E of the factor (None: `router_probs.shape[-1]`); with an
+            active-expert mask the number of live experts, so that a router balanced
+            over the live experts still scores 1.
 
     Returns:
         Scalar loss.
     """
-    num_experts = router_probs.shape[-1]
+    if num_experts is None:
+        num_experts = router_probs.shape[-1]
     counts = ops.cast(ops.stop_gradient(routed_per_expert), router_probs.dtype)
     fraction = counts / ops.maximum(ops.sum(counts), 1.0)  # [E]
     mean_prob = _masked_mean(router_probs, token_weight)  # [E]
-    return num_experts * ops.sum(fraction * mean_prob)
+    return ops.cast(num_experts, router_probs.dtype) * ops.sum(fraction * mean_prob)
 
 
 def router_z_loss(router_logits, token_weight=None):
@@ -63,7 +67,7 @@ def router_z_loss(router_logits, token_weight=None):
     return _masked_mean(ops.square(z), token_weight)
 
 
-def importance_loss(expert_weights, expert_indices, num_experts, token_weight=None):
+def importance_loss(expert_weights, expert_indices, num_experts, token_weight=None, live_experts=None):
     """Importance loss of Shazeer et al. 2017: CV^2 of the per-expert routing weight.
 
     importance_e = sum over tokens and choices of the weight given to expert e; the loss
@@ -75,6 +79,8 @@ def importance_loss(expert_weights, expert_indices, num_experts, token_weight=No
         expert_indices: `[T, k]` int experts of those weights.
         num_experts: E.
         token_weight: `[T]` 1 for real tokens, 0 for padding (None: all real).
+        live_experts: Optional `[E]` bool; the CV^2 is taken over these experts only
+            (dead experts of an active-expert mask have importance 0 and no gradient).
 
     Returns:
         Scalar loss.
@@ -84,7 +90,13 @@ def importance_loss(expert_weights, expert_indices, num_experts, token_weight=No
         weights = weights * ops.expand_dims(ops.cast(token_weight, weights.dtype), -1)
     one_hot = ops.one_hot(ops.cast(expert_indices, "int32"), num_experts, dtype=weights.dtype)  # [T, k, E]
     importance = ops.sum(one_hot * ops.expand_dims(weights, -1), axis=(0, 1))  # [E]
-    return coefficient_of_variation_squared(importance)
+    if live_experts is None:
+        return coefficient_of_variation_squared(importance)
+    live = ops.cast(live_experts, importance.dtype)
+    count = ops.maximum(ops.sum(live), 1.0)
+    mean = ops.sum(importance * live) / count
+    variance = ops.sum(ops.square(importance - mean) * live) / count
+    return variance / (ops.square(mean) + 1e-10)
 
 
 def coefficient_of_variation_squared(values, epsilon=1e-10):

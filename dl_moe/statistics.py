@@ -125,10 +125,14 @@ def add_training_losses(layer, info, token_mask, routed_per_expert=None, weights
     gating = layer.config.gating_config
     router = layer.gating_network
     probs, logits = info.get("raw_gate_probs"), info.get("gate_logits")
+    # Active-expert mask: the losses balance over the live experts only (dead ones have
+    # probability 0 and no gradient, so no loss can push load onto them).
+    live = router.live_experts() if getattr(router, "has_expert_mask", False) else None
+    num_live = None if live is None else ops.sum(ops.cast(live, "float32"))
     if weights is not None and indices is not None:
         _register_loss(
             layer, "importance", gating.importance_loss_weight,
-            lambda: importance_loss(weights, indices, layer.config.num_experts, token_mask),
+            lambda: importance_loss(weights, indices, layer.config.num_experts, token_mask, live_experts=live),
         )
     entropy_weight = gating.entropy_loss_weight
     if entropy_weight is None:
@@ -141,7 +145,8 @@ def add_training_losses(layer, info, token_mask, routed_per_expert=None, weights
         router.update_expert_bias(routed_per_expert)
     if probs is not None and gating.balancing == "aux_loss" and router.routing_kind == "token_choice":
         _register_loss(
-            layer, "aux", gating.aux_loss_weight, lambda: load_balancing_loss(probs, routed_per_expert, token_mask)
+            layer, "aux", gating.aux_loss_weight,
+            lambda: load_balancing_loss(probs, routed_per_expert, token_mask, num_experts=num_live),
         )
     if logits is not None:
         _register_loss(layer, "z", gating.z_loss_weight, lambda: router_z_loss(logits, token_mask))
@@ -165,6 +170,20 @@ def _rerouted_fraction(layer, routed_total):
     return float(_to_numpy(layer.rerouted_assignments)) / routed_total
 
 
+def live_expert_mask(layer):
+    """numpy `[E]` bool of the live experts (all True without an active-expert mask)."""
+    router = layer.gating_network
+    if not getattr(router, "has_expert_mask", False):
+        return np.ones((layer.config.num_experts,), dtype=bool)
+    return _to_numpy(router.active_experts) > 0.5
+
+
+def _load_cv(layer, routed):
+    """std / mean of the per-expert load `[E]`, over the live experts only."""
+    routed = routed[live_expert_mask(layer)]
+    return float(routed.std() / routed.mean()) if routed.size and routed.sum() > 0 else 0.0
+
+
 def routing_stats(layer):
     """The dict `MixtureOfExperts.get_routing_stats` returns (see there)."""
     routed = _to_numpy(layer.routed_tokens_per_expert)
@@ -177,14 +196,20 @@ def routing_stats(layer):
         "dropped_fraction": float(1.0 - processed.sum() / total) if total > 0 else 0.0,
         "dropped_token_fraction": float(_to_numpy(layer.dropped_tokens)) / tokens if tokens > 0 else 0.0,
         "rerouted_fraction": _rerouted_fraction(layer, total),
-        "load_cv": float(routed.std() / routed.mean()) if total > 0 else 0.0,
+        "load_cv": _load_cv(layer, routed),
         "tokens": tokens,
         "aux_loss": float(_to_numpy(layer.last_aux_loss)),
         "z_loss": float(_to_numpy(layer.last_z_loss)),
         "importance_loss": float(_to_numpy(layer.last_importance_loss)),
         "entropy_loss": float(_to_numpy(layer.last_entropy_loss)),
     }
-    bias = getattr(layer.gating_network, "selection_bias", lambda: None)()
+    router = layer.gating_network
+    if getattr(router, "has_expert_mask", False):
+        bias = router.expert_bias if router.use_expert_bias else None  # unmasked values
+    else:
+        bias = getattr(router, "selection_bias", lambda: None)()
     if bias is not None:
         stats["expert_bias"] = _to_numpy(bias)
+    if getattr(layer.gating_network, "has_expert_mask", False):
+        stats["active_experts"] = live_expert_mask(layer)
     return stats

@@ -103,13 +103,17 @@ def route(layer, tokens, training, token_mask, router_tokens=None):
 
     Returns:
         `(weights [T, k], indices [T, k] int32, active [T, k] bool, info)`: `active` is
-        False for unused dynamic-k slots and masked tokens, whose weights are zero.
+        False for unused dynamic-k slots, masked tokens and (with an active-expert
+        mask) dead experts; their weights are zero.
     """
     if router_tokens is None:
         router_tokens = layer.experts.router_inputs(tokens)
     weights, indices, info = call_token_router(layer, router_tokens, training, token_mask)
     active = info.get("active")
     active = ops.ones_like(indices, dtype="bool") if active is None else ops.cast(active, "bool")
+    if getattr(layer.gating_network, "has_expert_mask", False):
+        # An assignment to a dead expert (top_k above the live count) costs nothing.
+        active = active & ops.take(layer.gating_network.live_experts(), indices)
     if token_mask is not None:
         active = active & ops.expand_dims(token_mask, -1)
     weights = ops.where(active, weights, ops.zeros_like(weights))

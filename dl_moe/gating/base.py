@@ -26,12 +26,25 @@ holds a non-trainable per-expert bias b `[E]` that is added to the scores for
 `update_expert_bias(load)` in every training call, b_e += rate * sign(mean(load) -
 load_e). The bias is a variable the trainer carries, so this works in every backend's
 `fit` (including JAX's stateless train step).
+
+Active-expert mask (`MoEConfig.initial_active_experts`, routers with
+`supports_expert_mask`): the router holds `active_experts [E]` (1 live, 0 dead) and
+`expert_logit_offset [E]` (a fixed per-expert prior added to the logits, e.g. -log 2
+for both halves of a split expert), both non-trainable float32 variables. The router
+calls `mask_logits` on its logits before the softmax, so a dead expert gets logit
+`DEAD_LOGIT` (probability 0) and is never selected; the aux-free bias of dead experts
+is masked the same way and does not move. Shapes never change, so a compiled step
+keeps working when `dl_moe.lifecycle` edits the mask between steps.
 """
 
 import keras
 from keras import ops
 
 from dl_moe import export_compat
+
+# Logit of a dead expert: exp(DEAD_LOGIT - max) is 0 in float32, and it stays finite
+# so that logsumexp (z-loss) and its gradient see no inf - inf.
+DEAD_LOGIT = -1e9
 
 
 class BaseGating(keras.layers.Layer):
@@ -56,6 +69,8 @@ class BaseGating(keras.layers.Layer):
     config_fields = ()
     # The router selects experts by per-expert scores, so "aux_free" balancing applies.
     supports_bias_balancing = False
+    # The router applies `mask_logits` (MoEConfig.initial_active_experts).
+    supports_expert_mask = False
 
     def __init__(
         self,
@@ -65,6 +80,7 @@ class BaseGating(keras.layers.Layer):
         seed=None,
         use_expert_bias=False,
         bias_update_rate=1e-3,
+        initial_active_experts=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -91,6 +107,62 @@ class BaseGating(keras.layers.Layer):
                 dtype="float32",
                 autocast=False,
             )
+        self.initial_active_experts = initial_active_experts
+        if initial_active_experts is not None:
+            if not self.supports_expert_mask:
+                raise ValueError(f"{type(self).__name__} does not take an active-expert mask (initial_active_experts).")
+            if not 1 <= initial_active_experts <= num_experts:
+                raise ValueError(
+                    f"initial_active_experts must be in [1, num_experts={num_experts}], got {initial_active_experts!r}."
+                )
+            live = [1.0] * initial_active_experts + [0.0] * (num_experts - initial_active_experts)
+            self.active_experts = self.add_weight(
+                name="active_experts",
+                shape=(num_experts,),
+                initializer=lambda shape, dtype=None: ops.convert_to_tensor(live, dtype or "float32"),
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+            self.expert_logit_offset = self.add_weight(
+                name="expert_logit_offset",
+                shape=(num_experts,),
+                initializer="zeros",
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+
+    @property
+    def has_expert_mask(self):
+        """Whether the router holds an active-expert mask."""
+        return self.initial_active_experts is not None
+
+    def live_experts(self):
+        """`[E]` bool, True for live experts (all True without a mask)."""
+        if not self.has_expert_mask:
+            return ops.ones((self.num_experts,), dtype="bool")
+        return self.active_experts > 0.5
+
+    def mask_logits(self, logits):
+        """logits `[..., E]` + the per-expert offset; `DEAD_LOGIT` for dead experts.
+
+        The identity without a mask.
+        """
+        if not self.has_expert_mask:
+            return logits
+        offset = ops.cast(self.expert_logit_offset, logits.dtype)
+        dtype = keras.backend.standardize_dtype(logits.dtype)
+        dead = ops.cast(DEAD_LOGIT if dtype in ("float32", "float64") else -6e4, dtype)
+        return ops.where(self.live_experts(), logits + offset, dead)
+
+    def expert_axis_variables(self):
+        """`[(variable, expert axis)]` of the router's per-expert variables (for
+        `dl_moe.lifecycle`, which copies, averages and frees their expert rows)."""
+        found = [(self.router_kernel, 1)] if hasattr(self, "router_kernel") else []
+        if self.use_expert_bias:
+            found.append((self.expert_bias, 0))
+        return found
 
     @property
     def expected_k(self):
@@ -101,7 +173,7 @@ class BaseGating(keras.layers.Layer):
     def common_kwargs(config, name=None):
         """Constructor arguments every built-in router reads from a `MoEConfig`."""
         gating = config.gating_config
-        return {
+        kwargs = {
             "num_experts": config.num_experts,
             "jitter_noise": config.jitter_noise,
             "use_expert_bias": gating.balancing == "aux_free",
@@ -109,20 +181,38 @@ class BaseGating(keras.layers.Layer):
             "dtype": config.routing_dtype,
             "name": name,
         }
+        if getattr(config, "initial_active_experts", None) is not None:
+            kwargs["initial_active_experts"] = config.initial_active_experts
+        return kwargs
 
     def selection_bias(self):
-        """The aux-free balancing bias `[E]` (float32), or None when it is off."""
-        return self.expert_bias if self.use_expert_bias else None
+        """The aux-free balancing bias `[E]` (float32), or None when it is off.
+
+        With an active-expert mask, dead experts get `DEAD_LOGIT` so the bias can never
+        select them.
+        """
+        if not self.use_expert_bias:
+            return None
+        if not self.has_expert_mask:
+            return self.expert_bias
+        return ops.where(self.live_experts(), ops.convert_to_tensor(self.expert_bias), DEAD_LOGIT)
 
     def update_expert_bias(self, load):
         """b_e += rate * sign(mean(load) - load_e), from this call's per-expert load `[E]`.
 
         Called by `MixtureOfExperts` in training; a no-op without `use_expert_bias`.
+        With an active-expert mask the mean is over live experts and dead experts'
+        bias stays put.
         """
         if not self.use_expert_bias:
             return
         load = ops.stop_gradient(ops.cast(load, "float32"))
-        step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
+        if not self.has_expert_mask:
+            step = self.bias_update_rate * ops.sign(ops.mean(load) - load)
+        else:
+            live = ops.cast(self.live_experts(), "float32")
+            mean = ops.sum(load * live) / ops.maximum(ops.sum(live), 1.0)
+            step = self.bias_update_rate * ops.sign(mean - load) * live
         self.expert_bias.assign(self.expert_bias + step)
 
     @classmethod
@@ -186,6 +276,8 @@ class BaseGating(keras.layers.Layer):
                 "bias_update_rate": self.bias_update_rate,
             }
         )
+        if self.initial_active_experts is not None:
+            config["initial_active_experts"] = self.initial_active_experts
         return config
 
 

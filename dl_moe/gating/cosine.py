@@ -44,6 +44,7 @@ class CosineGating(BaseGating):
     """
 
     supports_bias_balancing = True
+    supports_expert_mask = True
 
     def __init__(
         self,
@@ -94,6 +95,12 @@ class CosineGating(BaseGating):
         )
         self.built = True
 
+    def expert_axis_variables(self):
+        found = [(self.expert_embeddings, 0)]
+        if self.use_expert_bias:
+            found.append((self.expert_bias, 0))
+        return found
+
     def logit_scale(self):
         """1 / tau, clamped to at most 100."""
         return ops.minimum(ops.exp(self.log_logit_scale), MAX_LOGIT_SCALE)
@@ -104,7 +111,7 @@ class CosineGating(BaseGating):
         return ops.matmul(projected, ops.transpose(embeddings)) * self.logit_scale()
 
     def call(self, inputs, training=None):
-        logits = self.compute_gate_logits(self.apply_jitter(inputs, training))
+        logits = self.mask_logits(self.compute_gate_logits(self.apply_jitter(inputs, training)))
         probs = ops.softmax(logits, axis=-1)
         weights, indices = select_top_k(probs, self.top_k, self.normalize_top_k, bias=self.selection_bias())
         return weights, indices, {"gate_logits": logits, "raw_gate_probs": probs}

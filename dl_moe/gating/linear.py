@@ -45,10 +45,15 @@ class LinearGating(BaseGating):
     Call returns `(weights [..., k], indices [..., k], info)` with `info` keys
     `gate_logits [..., E]` (before the noisy top-k noise) and `raw_gate_probs [..., E]`
     (the probabilities the selection used).
+
+    With an active-expert mask (`initial_active_experts`), the logits after the
+    temperature get `expert_logit_offset` and dead experts `DEAD_LOGIT` (see
+    `BaseGating.mask_logits`), before the noise and the softmax.
     """
 
     supports_bias_balancing = True
     supports_router_bias = True
+    supports_expert_mask = True
 
     def __init__(
         self,
@@ -94,6 +99,14 @@ class LinearGating(BaseGating):
                 initializer="zeros",
             )
 
+    def expert_axis_variables(self):
+        found = super().expert_axis_variables()
+        if self.use_router_bias:
+            found.append((self.router_bias, 0))
+        if self.add_noise:
+            found.append((self.noise_kernel, 1))
+        return found
+
     def compute_gate_logits(self, inputs):
         """Router logits `[..., E]` = inputs @ router_kernel (+ router_bias)."""
         logits = super().compute_gate_logits(inputs)
@@ -101,7 +114,7 @@ class LinearGating(BaseGating):
 
     def call(self, inputs, training=None):
         x = self.apply_jitter(inputs, training)
-        logits = self.compute_gate_logits(x) / self.temperature  # [..., E]
+        logits = self.mask_logits(self.compute_gate_logits(x) / self.temperature)  # [..., E]
         selection_logits = logits
         if training and self.add_noise:
             noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel)) * self.noise_std

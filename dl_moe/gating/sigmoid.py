@@ -72,6 +72,10 @@ class SigmoidGating(LinearGating):
     the experts (what the Switch loss and the statistics read).
     """
 
+    # Independent sigmoid scores: a split's shared probability mass (-log 2 offsets)
+    # has no meaning here, so the active-expert mask is not offered.
+    supports_expert_mask = False
+
     reads_expert_groups = True
 
     def __init__(self, num_experts, top_k=2, num_expert_groups=None, top_k_groups=1,

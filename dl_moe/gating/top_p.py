@@ -58,6 +58,7 @@ class TopPGating(BaseGating):
     supports_hierarchical_routing = False
     config_fields = ("top_p_threshold", "max_experts", "expected_experts")
     supports_bias_balancing = True
+    supports_expert_mask = True
     default_entropy_loss_weight = 1e-4
 
     def __init__(
@@ -103,7 +104,7 @@ class TopPGating(BaseGating):
 
     def call(self, inputs, training=None):
         x = self.apply_jitter(inputs, training)
-        logits = self.compute_gate_logits(x) / self.temperature  # [T, E]
+        logits = self.mask_logits(self.compute_gate_logits(x) / self.temperature)  # [T, E]
         probs = ops.softmax(logits, axis=-1)
         weights, indices = select_top_k(probs, self.top_k, False, bias=self.selection_bias())  # [T, K]
         mass_before = ops.cumsum(weights, axis=-1) - weights

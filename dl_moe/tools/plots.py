@@ -9,6 +9,8 @@
 * `plot_accuracy_vs_experts(summary, path)`: the router comparison of `dl-moe compare`.
 * `plot_specialization(reports, path)`: per layer, labels x experts share of assignments
   (`dl_moe.analysis.specialization_report`), written by `dl-moe demo`.
+* `plot_live_experts(runs, path)`: live experts over training steps of
+  `ExpertLifecycle` runs (`dl_moe.lifecycle`, `benchmarks/lifecycle_digits.py`).
 
 Each function takes plain numbers (dicts of lists / numpy arrays), saves a PNG and
 returns its path.
@@ -224,3 +226,32 @@ def plot_specialization(reports, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_live_experts(runs, path, max_experts=None):
+    """Live experts over training steps, one line per run and MoE layer.
+
+    Args:
+        runs: `{run label: ExpertLifecycle.history}`, each history a list of
+            `{"step": s, "live": {layer name: live experts}}`.
+        path: PNG file to write.
+        max_experts: Draws the maximum E as a dashed line when given.
+    """
+    if not runs or not any(len(history) for history in runs.values()):
+        raise ValueError("No lifecycle history to plot: train with an ExpertLifecycle callback first.")
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    for label, history in runs.items():
+        steps = [entry["step"] for entry in history]
+        for layer in history[0]["live"]:
+            axis.step(steps, [entry["live"][layer] for entry in history], where="post", label=f"{label} {layer}")
+    if max_experts is not None:
+        axis.axhline(max_experts, color="gray", linestyle="--", label="max E")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("training step")
+    axis.set_ylabel("live experts")
+    axis.set_title("Experts split / retired by ExpertLifecycle")
+    axis.legend(fontsize="small")
+    return _save(fig, path, plt)
