@@ -287,25 +287,31 @@ def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
     return plan, [int(c) for c in ops.convert_to_numpy(counts)]
 
 
-# Largest number of assignments T*k that `gathered_dispatch_pays_off` sends down the
-# gathered plan (see its docstring for the measurement).
-MAX_GATHERED_ASSIGNMENTS = 32
+# Most assignments T*k the gathered plan takes (its capacity-mode ranks are [N, N]).
+MAX_GATHERED_ASSIGNMENTS = 64
 
 
 def gathered_dispatch_pays_off(num_tokens, top_k, num_experts):
     """Whether a batch of `num_tokens` (a static Python int) runs the gathered plan.
 
-    Rule: T*k <= MAX_GATHERED_ASSIGNMENTS and T*k <= 4*E. The gathered plan computes
-    each assignment as one row against a copy of its expert's weights, so it reads
-    T*k expert weight sets where the buffered plans read all E once and compute E*C
-    (capacity, C >= 8) or about N + E*b (dropless) rows, after sorting the
-    assignments. For decode-sized batches the sort, the padding rows and the per-op
-    overhead dominate; past a few assignments per expert the weight copies do.
-    Measured (inference, E=8, k=2, d=256, h=512, float32, 2-core CPU): the gathered
-    plan is faster at T <= 16 on JAX, TensorFlow and eager PyTorch.
+    Rule: 2 * T * k <= E (and T * k <= MAX_GATHERED_ASSIGNMENTS).
+
+    Reason: the gathered plan computes each of the N = T*k assignments as one row
+    against a copy of its expert's weights, which moves about 3 N expert weight
+    sets (the gather reads and writes the copy, the matmul reads it) and computes
+    N rows, with no sort. The buffered plans read all E experts' weights once and
+    compute E*C >= 8E rows (capacity), or copy one weight set per dropless block
+    (at least E blocks' worth at small N), after sorting the assignments. XLA's
+    cost analysis of the compiled inference call (JAX, E=8, k=2, d=256, h=512,
+    SwiGLU) gives, at T=1: gathered 2.4 MFLOP, capacity 50 MFLOP / 13.7 MB read,
+    dropless 47 MFLOP / 36 MB; at T=4 the gathered copies (8 weight sets, ~36 MB
+    moved) already exceed the capacity plan's single read of the bank. N <= E/2
+    lies between the capacity break-even (3N ~ E) and the dropless one (N ~ E).
+    Wall-clock figures on an idle machine (`dl-moe bench --inference
+    --compare-plans`) should confirm or move the threshold.
     """
     num_assignments = num_tokens * top_k
-    return num_assignments <= min(MAX_GATHERED_ASSIGNMENTS, 4 * num_experts)
+    return 2 * num_assignments <= num_experts and num_assignments <= MAX_GATHERED_ASSIGNMENTS
 
 
 def plan_gathered_dispatch(expert_index, active, num_experts, capacity=None):
