@@ -135,6 +135,36 @@ def test_bench_scaling_times_every_size_against_the_first(capsys, monkeypatch, t
         )
 
 
+def test_bench_inference_times_each_token_count_and_plan(capsys, monkeypatch, tmp_path):
+    from dl_moe.tools import bench
+
+    def tiny_cases(tokens, capacity_factor):
+        return [bench.Case(f"T={t}", t, 16, 32, 4, 2, capacity_factor, drop) for t in tokens for drop in (True, False)]
+
+    monkeypatch.setattr(bench, "inference_cases", tiny_cases)
+    out_file = tmp_path / "inference.json"
+    argv = ["bench", "--inference", "--tokens", "1,64", "--repeats", "1", "--compare-plans", "--output", str(out_file)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 | cf=1 | gathered |" in printed and "| 64 | dropless | dropless |" in printed
+    import json
+
+    rows = json.loads(out_file.read_text())["inference"]
+    assert [(r["T"], r["mode"], r["plan"]) for r in rows] == [
+        (1, "cf=1", "gathered"), (1, "dropless", "gathered"), (64, "cf=1", "capacity"), (64, "dropless", "dropless")
+    ]
+    for r in rows:
+        assert r["vs_dense"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
+        assert r["vs_all_experts"] == pytest.approx(r["all_experts_ms"] / r["moe_ms"])
+        # The buffered plan is timed only where the gathered plan replaces it.
+        assert ("gathered_speedup" in r) == (r["plan"] == "gathered")
+
+
+def test_bench_inference_rejects_bad_token_counts():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--inference", "--tokens", "0,8"])
+
+
 def test_bench_rejects_unknown_case():
     import pytest
 

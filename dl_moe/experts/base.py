@@ -47,12 +47,17 @@ class ExpertBank(keras.layers.Layer):
             of E Python ints) in place of `group_expert`: one group `[1, N, ...]` whose
             rows are sorted by expert, `slice_counts[e]` rows per expert. Eager
             PyTorch then runs the bank once per call; other banks run once per expert.
+        supports_gathered_rows: Decode-sized inference batches may reach the bank as
+            one row per assignment, `[T*k, 1, ...]` with `group_expert [T*k]`
+            (`dispatch.plan_gathered_dispatch`); banks without it always get the
+            capacity or dropless buffers.
     """
 
     token_layout = "token"
     input_rank = None
     config_fields = ()
     supports_slice_counts = False
+    supports_gathered_rows = False
 
     def prepare_context(self, inputs, mask=None):
         """Per-call context computed once from the layer's whole input (default: None).

@@ -72,6 +72,9 @@ class FFNExpertBank(ExpertBank):
     """
 
     supports_expert_scale = True
+    # `_project` reads each group's expert weights by `group_expert`, one row per
+    # group included.
+    supports_gathered_rows = True
     # The FFN fields of ExpertConfig (other expert types must leave them at their defaults).
     config_fields = ("intermediate_size", "ffn_type", "activation")
 

@@ -152,6 +152,9 @@ def choose_plan(layer, indices, active, training):
         `(plan, slice_counts)`: `slice_counts` is None, or (eager PyTorch) the
         per-expert row counts of a plan whose rows are contiguous expert slices.
     """
+    small_batch = small_batch_plan(layer, indices, active, training)
+    if small_batch is not None:
+        return small_batch, None
     config = layer.config
     num_experts = config.num_experts
     num_tokens = dispatch_lib.static_dim(indices, 0)
@@ -182,6 +185,26 @@ def choose_plan(layer, indices, active, training):
         if capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
             return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
     return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
+
+
+def small_batch_plan(layer, indices, active, training):
+    """The gathered plan (`dispatch.plan_gathered_dispatch`) of a decode-sized batch, or None.
+
+    Taken in inference only, for banks with `supports_gathered_rows` (FFN) that are
+    not expert-parallel, when T is static and `dispatch.gathered_dispatch_pays_off`.
+    It keeps and drops exactly the assignments of the capacity plan (or, dropless,
+    none), so outputs and statistics are the same.
+    """
+    num_tokens = indices.shape[0]
+    if training or not isinstance(num_tokens, int) or layer.config.expert_parallel:
+        return None
+    if not getattr(layer.experts, "supports_gathered_rows", False):
+        return None
+    num_experts = layer.config.num_experts
+    if not dispatch_lib.gathered_dispatch_pays_off(num_tokens, indices.shape[-1], num_experts):
+        return None
+    capacity = capacity_rows(layer, indices, training) if layer.config.drop_tokens else None
+    return dispatch_lib.plan_gathered_dispatch(indices, active, num_experts, capacity)
 
 
 def capacity_rows(layer, indices, training):

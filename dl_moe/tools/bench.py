@@ -11,6 +11,12 @@ matmuls without routing, dispatch or combine, the ceiling of any dispatch design
 Every measurement is forward + backward in training mode, compiled (XLA on JAX and
 TensorFlow, eager PyTorch), float32, the median of `repeats` timed runs after warm-up.
 Results are ratios measured in one process, so machine noise mostly cancels.
+
+`--inference` times the forward pass alone in inference mode instead (compiled on
+JAX and TensorFlow, eager under `torch.no_grad()` on PyTorch) at decode- to
+prefill-sized token counts (`--tokens`, default 1, 8, 64, 256, 4096), capacity mode
+and dropless, against the same two anchors; `--compare-plans` also times the layer
+with the small-batch gathered plan (`dispatch.plan_gathered_dispatch`) switched off.
 """
 
 import dataclasses
@@ -117,6 +123,7 @@ def build_layers(case):
         use_bias=False,
         drop_tokens=case.drop_tokens,
         train_capacity_factor=case.capacity_factor,
+        eval_capacity_factor=case.capacity_factor,
     )
     return {
         "moe": moe,
@@ -187,6 +194,152 @@ def make_train_step(layer, x):
         return loss
 
     return step
+
+
+INFERENCE_TOKENS = (1, 8, 64, 256, 4096)
+
+
+def inference_cases(tokens=INFERENCE_TOKENS, capacity_factor=1.0):
+    """Case (a)'s layer (E=8, k=2, d=256, h=512, SwiGLU) at each token count, in capacity
+    mode (`capacity_factor` in inference) and dropless."""
+    return [
+        Case(f"T={t}", t, 256, 512, 8, 2, capacity_factor, drop_tokens)
+        for t in tokens
+        for drop_tokens in (True, False)
+    ]
+
+
+def make_inference_step(layer, x):
+    """A forward-only step in inference mode (training=False): compiled on JAX
+    (jax.jit of a stateless call) and TensorFlow (tf.function, jit_compile=True),
+    eager under `torch.no_grad()` on PyTorch."""
+    if not layer.built:
+        layer.build(x.shape)
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+        forward = jax.jit(lambda t, n, inputs: layer.stateless_call(t, n, inputs, training=False)[0])
+
+        def step():
+            return jax.block_until_ready(forward(trainable, non_trainable, x))
+
+        return step
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(lambda inputs: layer(inputs, training=False), jit_compile=True)
+
+        def step():
+            return forward(x).numpy()
+
+        return step
+    import torch
+
+    def step():
+        with torch.no_grad():
+            return layer(x, training=False)
+
+    return step
+
+
+def without_gathered_plan(step):
+    """`step` with the small-batch gathered plan switched off (the buffered plans only).
+
+    The switch is on during every call, so it holds when a compiled step traces (its
+    first call) and in every eager call.
+    """
+    from dl_moe import dispatch
+
+    def run():
+        rule = dispatch.gathered_dispatch_pays_off
+        dispatch.gathered_dispatch_pays_off = lambda *args: False
+        try:
+            return step()
+        finally:
+            dispatch.gathered_dispatch_pays_off = rule
+
+    return run
+
+
+def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
+    """Times the forward pass of the case's MoE layer and its two anchors in inference.
+
+    Args:
+        compare_plans: Where the gathered small-batch plan applies, also time the
+            layer with it switched off (`moe_buffered_ms`, `gathered_speedup`).
+
+    Returns:
+        A dict of medians (ms) and ratios: `vs_dense` (dense-equivalent time over
+        MoE time; 1 is the limit) and `vs_all_experts` (all-experts time over MoE
+        time), and `plan`, the dispatch plan the layer takes.
+    """
+    from dl_moe import dispatch
+
+    keras.utils.set_random_seed(seed)
+    x = case_inputs(case, seed)
+    layers = build_layers(case)
+    steps = {name: make_inference_step(layers[name], x) for name in ("moe", "dense", "all_experts")}
+    gathered = dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts)
+    if compare_plans and gathered:
+        steps["moe_buffered"] = without_gathered_plan(make_inference_step(layers["moe"], x))
+    medians = time_steps(steps, repeats=repeats)
+    result = {
+        "case": case.name,
+        "mode": case.mode,
+        "plan": "gathered" if gathered else ("capacity" if case.drop_tokens else "dropless"),
+        "T": case.tokens,
+        "d": case.hidden_dim,
+        "h": case.intermediate_size,
+        "E": case.num_experts,
+        "k": case.top_k,
+        "moe_ms": medians["moe"] * 1e3,
+        "dense_ms": medians["dense"] * 1e3,
+        "all_experts_ms": medians["all_experts"] * 1e3,
+        "vs_dense": medians["dense"] / medians["moe"],
+        "vs_all_experts": medians["all_experts"] / medians["moe"],
+    }
+    if "moe_buffered" in medians:
+        result["moe_buffered_ms"] = medians["moe_buffered"] * 1e3
+        result["gathered_speedup"] = medians["moe_buffered"] / medians["moe"]
+    return result
+
+
+def format_inference_table(results):
+    """Markdown table of `run_inference_case` results."""
+    lines = [
+        "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | buffered ms |",
+        "|" + "---|" * 9,
+    ]
+    for r in results:
+        buffered = f"{r['moe_buffered_ms']:.3f}" if "moe_buffered_ms" in r else "–"
+        lines.append(
+            f"| {r['T']} | {r['mode']} | {r['plan']} | {r['moe_ms']:.3f} | {r['dense_ms']:.3f} | "
+            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} |"
+        )
+    return "\n".join(lines)
+
+
+def inference_main(args, env):
+    """`dl-moe bench --inference`: the inference table, printed and (with --output) saved."""
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        raise SystemExit(f"--tokens must be comma-separated positive integers, got {args.tokens!r}")
+    report = {"environment": env, "inference": []}
+    for case in inference_cases(tokens, args.capacity_factor):
+        result = run_inference_case(case, repeats=args.repeats, compare_plans=args.compare_plans)
+        report["inference"].append(result)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
+    print(format_inference_table(report["inference"]))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
 
 
 def time_steps(steps, repeats=5, warmup=2, settle=1):
@@ -459,6 +612,18 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     parser.add_argument("--output", help="write results as JSON to this path")
     parser.add_argument("--keras-hub", action="store_true", help="benchmark keras-hub MoE models instead (first option)")
+    parser.add_argument(
+        "--inference", action="store_true",
+        help="time the forward pass in inference mode at --tokens token counts instead (E=8, k=2, d=256, h=512)",
+    )
+    parser.add_argument(
+        "--tokens", default=",".join(map(str, INFERENCE_TOKENS)), help="--inference: comma-separated token counts"
+    )
+    parser.add_argument("--capacity-factor", type=float, default=1.0, help="--inference: capacity factor")
+    parser.add_argument(
+        "--compare-plans", action="store_true",
+        help="--inference: also time the layer without the small-batch gathered plan where it applies",
+    )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -466,6 +631,12 @@ def main(argv=None):
         case = Case(**json.loads(args.memory_child[0]))
         print(measure_peak_memory(case, args.memory_child[1], xla_dump_dir=args.memory_child[2]))
         return 0
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.inference:
+        env = environment()
+        print(json.dumps(env))
+        return inference_main(args, env)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = sorted(set(names) - {c.name for c in STANDARD_CASES})
     if unknown or args.repeats < 1:
