@@ -52,7 +52,7 @@ def _parser():
     compare.add_argument("--epochs", type=int, default=None, help="digits only: epochs per run (default 20, --quick 10)")
     compare.add_argument("--steps", type=int, default=None, help="lm only: training steps per run (default 400, --quick 200)")
     compare.add_argument(
-        "--batch-size", type=int, default=None, help="lm only: windows per training batch (default 32, --quick 16)"
+        "--batch-size", type=int, default=None, help="lm only: windows per training batch (default 16)"
     )
     compare.add_argument(
         "--learning-rate", type=float, default=None,

@@ -105,7 +105,7 @@ CAUSALITY_NOTE = (
 # Model and budget. QUICK: <= 5 min on 2 cores for all variants and seeds; FULL: <= 45 min.
 FULL = {
     "sequence_length": 128, "width": 128, "num_layers": 2, "num_heads": 4, "expert_width": 256,
-    "num_experts": 8, "top_k": 2, "batch_size": 32, "steps": 400, "eval_every": 50, "eval_batches": 8,
+    "num_experts": 8, "top_k": 2, "batch_size": 16, "steps": 400, "eval_every": 50, "eval_batches": 8,
     "learning_rate": 2e-3, "warmup_steps": 40, "seeds": 3, "max_files_per_split": None,
     "jit_compile": "auto", "run_eagerly": False,  # model.compile's arguments
 }
