@@ -43,29 +43,29 @@ class DispatchPlan(NamedTuple):
     """Where every assignment goes and where every buffer row comes from.
 
     Attributes:
-        slot_token: `[G, R]` int32: the token that fills each row, T for an empty row.
-        assignment_slot: `[T, k]` int32: the flat row (`g * R + r`) that computes each
+        row_token: `[G, R]` int32: the token that fills each row, T for an empty row.
+        assignment_row: `[T, k]` int32: the flat row (`g * R + r`) that computes each
             assignment, or G*R when the assignment is inactive or dropped.
         group_expert: `[G]` int32 expert of each group, or None when group g is expert g.
         routed_per_expert: `[E]` int32 active assignments per expert (before dropping).
         processed_per_expert: `[E]` int32 assignments per expert that were computed.
-        slot_assignment: `[G, R]` int32 flat assignment (`choice * T + token`) computed
+        row_assignment: `[G, R]` int32 flat assignment (`choice * T + token`) computed
             by each row, T*k for an empty row; None when rows are not token-choice
             assignments (then `dispatch` differentiates by plain autodiff).
     """
 
-    slot_token: object
-    assignment_slot: object
+    row_token: object
+    assignment_row: object
     group_expert: Optional[object]
     routed_per_expert: object
     processed_per_expert: object
-    slot_assignment: Optional[object] = None
+    row_assignment: Optional[object] = None
 
     @property
     def kept(self):
         """`[T, k]` bool: the assignment was computed."""
-        num_rows = ops.shape(self.slot_token)[0] * ops.shape(self.slot_token)[1]
-        return self.assignment_slot < num_rows
+        num_rows = ops.shape(self.row_token)[0] * ops.shape(self.row_token)[1]
+        return self.assignment_row < num_rows
 
 
 def static_dim(tensor, axis):
@@ -171,28 +171,28 @@ def plan_capacity_dispatch(expert_index, active, num_experts, capacity):
         capacity: C, a Python int.
 
     Returns:
-        A `DispatchPlan` with `slot_token [E, C]`.
+        A `DispatchPlan` with `row_token [E, C]`.
     """
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
     sorted_token, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
     kept = (rank < capacity) & (sorted_expert < num_experts)
     slot_sorted = ops.where(kept, sorted_expert * capacity + rank, num_experts * capacity)
-    assignment_slot = _unsort(slot_sorted, order, num_tokens, top_k)
+    assignment_row = _unsort(slot_sorted, order, num_tokens, top_k)
 
     counts = starts[1:] - starts[:-1]  # [E]
     row = ops.arange(capacity, dtype="int32")
     source = ops.expand_dims(starts[:-1], 1) + ops.expand_dims(row, 0)  # [E, C]
     filled = ops.expand_dims(row, 0) < ops.expand_dims(counts, 1)
     num_assignments = num_tokens * top_k
-    slot_assignment = ops.where(filled, ops.take(order, ops.minimum(source, num_assignments - 1)), num_assignments)
+    row_assignment = ops.where(filled, ops.take(order, ops.minimum(source, num_assignments - 1)), num_assignments)
     return DispatchPlan(
-        slot_token=ops.where(filled, slot_assignment % num_tokens, num_tokens),
-        assignment_slot=assignment_slot,
+        row_token=ops.where(filled, row_assignment % num_tokens, num_tokens),
+        assignment_row=assignment_row,
         group_expert=None,
         routed_per_expert=counts,
         processed_per_expert=ops.minimum(counts, capacity),
-        slot_assignment=slot_assignment,
+        row_assignment=row_assignment,
     )
 
 
@@ -210,7 +210,7 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
         block_size: b, a Python int.
 
     Returns:
-        A `DispatchPlan` with `slot_token [G, b]` and `group_expert [G]`.
+        A `DispatchPlan` with `row_token [G, b]` and `group_expert [G]`.
     """
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
@@ -226,7 +226,7 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     valid = sorted_expert < num_experts
     row_sorted = ops.take(padded_start, sorted_expert) * block_size + rank
     slot_sorted = ops.where(valid, row_sorted, num_blocks * block_size)
-    assignment_slot = _unsort(slot_sorted, order, num_tokens, top_k)
+    assignment_row = _unsort(slot_sorted, order, num_tokens, top_k)
 
     block_ids = ops.arange(num_blocks, dtype="int32")
     group_expert = ops.minimum(
@@ -237,14 +237,14 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     filled = (offset < ops.expand_dims(ops.take(counts, group_expert), 1)) & (offset >= 0)
     source = ops.expand_dims(ops.take(starts, group_expert), 1) + offset
     source = ops.clip(source, 0, num_assignments - 1)
-    slot_assignment = ops.where(filled, ops.take(order, source), num_assignments)
+    row_assignment = ops.where(filled, ops.take(order, source), num_assignments)
     return DispatchPlan(
-        slot_token=ops.where(filled, slot_assignment % num_tokens, num_tokens),
-        assignment_slot=assignment_slot,
+        row_token=ops.where(filled, row_assignment % num_tokens, num_tokens),
+        assignment_row=assignment_row,
         group_expert=group_expert,
         routed_per_expert=counts,
         processed_per_expert=counts,
-        slot_assignment=slot_assignment,
+        row_assignment=row_assignment,
     )
 
 
@@ -265,7 +265,7 @@ def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
             rest, so the same assignments are kept as in capacity mode.
 
     Returns:
-        `(plan, counts)`: a `DispatchPlan` with `slot_token [1, N]` and the list of
+        `(plan, counts)`: a `DispatchPlan` with `row_token [1, N]` and the list of
         E row counts.
     """
     num_tokens = static_dim(expert_index, 0)
@@ -282,12 +282,12 @@ def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
     position = ops.arange(num_assignments, dtype="int32")
     counts = starts[1:] - starts[:-1]
     plan = DispatchPlan(
-        slot_token=ops.expand_dims(ops.where(valid, sorted_token, num_tokens), 0),
-        assignment_slot=_unsort(ops.where(valid, position, num_assignments), order, num_tokens, top_k),
+        row_token=ops.expand_dims(ops.where(valid, sorted_token, num_tokens), 0),
+        assignment_row=_unsort(ops.where(valid, position, num_assignments), order, num_tokens, top_k),
         group_expert=None,
         routed_per_expert=counts if routed_per_expert is None else routed_per_expert,
         processed_per_expert=counts,
-        slot_assignment=ops.expand_dims(ops.where(valid, order, num_assignments), 0),
+        row_assignment=ops.expand_dims(ops.where(valid, order, num_assignments), 0),
     )
     return plan, [int(c) for c in ops.convert_to_numpy(counts)]
 
@@ -337,7 +337,7 @@ def plan_gathered_dispatch(expert_index, active, num_experts, capacity=None):
             `plan_capacity_dispatch` (choice, then token) and drops the rest.
 
     Returns:
-        A `DispatchPlan` with `slot_token [T*k, 1]` and `group_expert [T*k]`.
+        A `DispatchPlan` with `row_token [T*k, 1]` and `group_expert [T*k]`.
     """
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
@@ -357,14 +357,14 @@ def plan_gathered_dispatch(expert_index, active, num_experts, capacity=None):
         valid = valid & (rank < capacity)
         processed = ops.minimum(counts, capacity)
     row = ops.arange(num_assignments, dtype="int32")
-    slot_assignment = ops.where(valid, row, num_assignments)  # [N]
+    row_assignment = ops.where(valid, row, num_assignments)  # [N]
     return DispatchPlan(
-        slot_token=ops.expand_dims(ops.where(valid, row % num_tokens, num_tokens), 1),
-        assignment_slot=ops.transpose(ops.reshape(slot_assignment, (top_k, num_tokens))),
+        row_token=ops.expand_dims(ops.where(valid, row % num_tokens, num_tokens), 1),
+        assignment_row=ops.transpose(ops.reshape(row_assignment, (top_k, num_tokens))),
         group_expert=ops.minimum(flat_expert, num_experts - 1),
         routed_per_expert=counts,
         processed_per_expert=processed,
-        slot_assignment=ops.expand_dims(slot_assignment, 1),
+        row_assignment=ops.expand_dims(row_assignment, 1),
     )
 
 
@@ -390,16 +390,16 @@ def dispatch(tokens, plan):
     """Gathers tokens `[T, ...]` into expert buffers `[G, R, ...]` (empty rows are 0).
 
     With a token-choice plan the gradient is a gather too: token t collects the
-    gradient of the (at most k) rows that hold it through `assignment_slot`.
+    gradient of the (at most k) rows that hold it through `assignment_row`.
     """
-    group_shape = (static_dim(plan.slot_token, 0), static_dim(plan.slot_token, 1))
+    group_shape = (static_dim(plan.row_token, 0), static_dim(plan.row_token, 1))
     feature_shape = tuple(tokens.shape[1:])
-    flat_slots = ops.reshape(plan.slot_token, (-1,))
+    flat_slots = ops.reshape(plan.row_token, (-1,))
 
     def gather(values):
         return ops.reshape(ops.take(_append_zero_row(values), flat_slots, axis=0), group_shape + feature_shape)
 
-    if plan.slot_assignment is None or any(is_symbolic_dim(size) for size in group_shape):
+    if plan.row_assignment is None or any(is_symbolic_dim(size) for size in group_shape):
         # Symbolic shapes (jax.export): the gather gradient's closure would hold arrays
         # of symbolic size as constants, which export cannot size; plain autodiff then.
         return gather(tokens)
@@ -408,7 +408,7 @@ def dispatch(tokens, plan):
     def gather_with_gather_gradient(values):
         def grad(*args, upstream=None):
             rows = ops.reshape(_upstream(args, upstream), (-1,) + feature_shape)  # [G*R, ...]
-            per_assignment = ops.take(_append_zero_row(rows), plan.assignment_slot, axis=0)  # [T, k, ...]
+            per_assignment = ops.take(_append_zero_row(rows), plan.assignment_row, axis=0)  # [T, k, ...]
             return ops.sum(per_assignment, axis=1)
 
         return gather(values), grad
@@ -427,14 +427,14 @@ def combine(expert_outputs, plan, weights):
     Returns:
         `[T, ...]`: sum_j weights[t, j] * output of assignment (t, j); dropped or
         inactive assignments contribute zero. The gradient w.r.t. the expert outputs
-        is a gather through `slot_token` / `slot_assignment`, not a scatter.
+        is a gather through `row_token` / `row_assignment`, not a scatter.
     """
     feature_shape = tuple(expert_outputs.shape[2:])
     rank = len(feature_shape)
 
     def gather_assignments(outputs):
         rows = _append_zero_row(ops.reshape(outputs, (-1,) + feature_shape))  # [G*R + 1, ...]
-        return ops.take(rows, plan.assignment_slot, axis=0)  # [T, k, ...]
+        return ops.take(rows, plan.assignment_row, axis=0)  # [T, k, ...]
 
     def weighted_sum(gathered, w):
         # A contraction over k: no [T, k, ...] product is materialised.
@@ -442,7 +442,7 @@ def combine(expert_outputs, plan, weights):
         summed = ops.einsum("tk,tkf->tf", ops.cast(w, gathered.dtype), flat)
         return ops.reshape(summed, ops.shape(gathered)[:1] + ops.shape(gathered)[2:])
 
-    if plan.slot_assignment is None or is_symbolic_dim(weights.shape[0]):
+    if plan.row_assignment is None or is_symbolic_dim(weights.shape[0]):
         return weighted_sum(gather_assignments(expert_outputs), weights)
 
     @ops.custom_gradient
@@ -457,8 +457,8 @@ def combine(expert_outputs, plan, weights):
             grad_weights = ops.cast(ops.einsum("tkf,tf->tk", flat_gathered, flat_upstream), w.dtype)
             # d/d row r = weight of the row's assignment * upstream of the row's token.
             flat_weights = _append_zero_row(ops.reshape(ops.transpose(ops.cast(w, upstream.dtype)), (-1,)))
-            row_weights = ops.take(flat_weights, plan.slot_assignment, axis=0)  # [G, R]
-            row_upstream = ops.take(_append_zero_row(upstream), plan.slot_token, axis=0)  # [G, R, ...]
+            row_weights = ops.take(flat_weights, plan.row_assignment, axis=0)  # [G, R]
+            row_upstream = ops.take(_append_zero_row(upstream), plan.row_token, axis=0)  # [G, R, ...]
             grad_outputs = row_upstream * _broadcast_weights(row_weights, rank)
             return grad_outputs, grad_weights
 
@@ -477,16 +477,16 @@ def plan_expert_choice_dispatch(token_index, num_tokens, num_experts):
         num_experts: E.
 
     Returns:
-        A `DispatchPlan` with `slot_token = token_index` (G = E groups of R = C rows,
-        group g is expert g). Its `assignment_slot` is None: combine with
+        A `DispatchPlan` with `row_token = token_index` (G = E groups of R = C rows,
+        group g is expert g). Its `assignment_row` is None: combine with
         `combine_expert_choice`, which scatters rows back to tokens.
     """
     filled = ops.cast(token_index < num_tokens, "int32")  # [E, C]
     counts = ops.sum(filled, axis=1)  # [E]
     del num_experts  # G = E is implied by token_index
     return DispatchPlan(
-        slot_token=ops.cast(token_index, "int32"),
-        assignment_slot=None,
+        row_token=ops.cast(token_index, "int32"),
+        assignment_row=None,
         group_expert=None,
         routed_per_expert=counts,
         processed_per_expert=counts,
@@ -509,7 +509,7 @@ def combine_expert_choice(expert_outputs, plan, slot_weights, num_tokens):
     feature_shape = tuple(expert_outputs.shape[2:])
     rows = ops.reshape(expert_outputs, (-1,) + feature_shape)  # [E*C, ...]
     weights = _broadcast_weights(ops.cast(ops.reshape(slot_weights, (-1,)), rows.dtype), len(feature_shape))
-    target = ops.reshape(plan.slot_token, (-1,))  # [E*C]; T = empty
+    target = ops.reshape(plan.row_token, (-1,))  # [E*C]; T = empty
     # segment_sum is a vectorised scatter-add on every backend (`ops.scatter` loops
     # in Python on torch); segment T collects the empty slots and is cut off.
     outputs = ops.segment_sum(rows * weights, target, num_segments=num_tokens + 1, sorted=False)[:num_tokens]

@@ -20,12 +20,12 @@ def random_routing(num_tokens, top_k, num_experts, seed, inactive=0.2):
 
 
 def rows_by_expert(plan, num_tokens):
-    """{expert: [tokens in row order]} from a plan's slot_token / group_expert."""
-    slot_token = numpy_of(plan.slot_token)
-    groups = np.arange(slot_token.shape[0]) if plan.group_expert is None else numpy_of(plan.group_expert)
+    """{expert: [tokens in row order]} from a plan's row_token / group_expert."""
+    row_token = numpy_of(plan.row_token)
+    groups = np.arange(row_token.shape[0]) if plan.group_expert is None else numpy_of(plan.group_expert)
     result = {}
     for g, expert in enumerate(groups):
-        result.setdefault(int(expert), []).extend(int(t) for t in slot_token[g] if t < num_tokens)
+        result.setdefault(int(expert), []).extend(int(t) for t in row_token[g] if t < num_tokens)
     return result
 
 
@@ -49,7 +49,7 @@ def test_capacity_plan_matches_priority_loop(num_tokens, top_k, num_experts, cap
     got = rows_by_expert(plan, num_tokens)
     assert {e: r for e, r in got.items() if r} == rows
     np.testing.assert_array_equal(numpy_of(plan.kept), kept)
-    assert numpy_of(plan.slot_token).shape == (num_experts, cap)
+    assert numpy_of(plan.row_token).shape == (num_experts, cap)
     load = np.array([np.sum((indices == e) & active) for e in range(num_experts)])
     np.testing.assert_array_equal(numpy_of(plan.routed_per_expert), load)
     np.testing.assert_array_equal(numpy_of(plan.processed_per_expert), np.minimum(load, cap))
@@ -66,15 +66,15 @@ def test_dropless_plan_keeps_everything_within_the_static_bound(num_tokens, top_
     got = rows_by_expert(plan, num_tokens)
     assert {e: r for e, r in got.items() if r} == rows
     np.testing.assert_array_equal(numpy_of(plan.kept), active)
-    slot_token = numpy_of(plan.slot_token)
-    assert slot_token.shape[1] == block
-    assert slot_token.size <= num_tokens * top_k + num_experts * (block - 1)
+    row_token = numpy_of(plan.row_token)
+    assert row_token.shape[1] == block
+    assert row_token.size <= num_tokens * top_k + num_experts * (block - 1)
     # Every assignment's slot is a row that holds its token, owned by its expert.
-    slots = numpy_of(plan.assignment_slot)
+    slots = numpy_of(plan.assignment_row)
     owners = numpy_of(plan.group_expert)
     for t, j in zip(*np.nonzero(active)):
         g, r = divmod(int(slots[t, j]), block)
-        assert slot_token[g, r] == t and owners[g] == indices[t, j]
+        assert row_token[g, r] == t and owners[g] == indices[t, j]
 
 
 def test_dispatch_and_combine_round_trip_with_feature_axes():
@@ -117,7 +117,7 @@ def test_gather_gradients_equal_plain_autodiff(mode):
     plan = (
         dispatch.plan_capacity_dispatch(idx, act, 4, 8) if mode == "capacity" else dispatch.plan_dropless_dispatch(idx, act, 4, 8)
     )
-    plain = plan._replace(slot_assignment=None)  # the autodiff-through-gathers path
+    plain = plan._replace(row_assignment=None)  # the autodiff-through-gathers path
     rng = np.random.default_rng(6)
     tokens = rng.normal(size=(30, 5)).astype("float32")
     weights = (rng.random((30, 2)) * active).astype("float32")

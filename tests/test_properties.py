@@ -61,7 +61,7 @@ def test_dropless_plan_drops_nothing(problem, block):
     num_experts, indices, active = problem
     plan = dispatch.plan_dropless_dispatch(ops.convert_to_tensor(indices), ops.convert_to_tensor(active), num_experts, block)
     np.testing.assert_array_equal(numpy_of(plan.kept), active)
-    rows = numpy_of(plan.slot_token)
+    rows = numpy_of(plan.row_token)
     num_tokens = indices.shape[0]
     assert rows.size <= indices.size + num_experts * (block - 1)
     assert np.sum(rows < num_tokens) == active.sum()

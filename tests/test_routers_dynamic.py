@@ -94,7 +94,7 @@ def test_capacity_is_sized_from_the_expected_k(monkeypatch):
         indices = ops.zeros((tokens, k), "int32")
         active = ops.ones((tokens, k), "bool")
         plan, _ = token_choice.choose_plan(layer, indices, active, training=True)
-        return tuple(plan.slot_token.shape)
+        return tuple(plan.row_token.shape)
 
     # C = ceil(1.25 * 64 * k / 8) rounded up to a multiple of 8.
     assert rows(top2, 2) == (E, 24)

@@ -184,11 +184,11 @@ def test_plan_gathered_dispatch_layout():
     numpy = lambda t: np.asarray(ops.convert_to_numpy(t))  # noqa: E731
     # Rows are choice-major assignments: (t0,c0), (t1,c0), (t2,c0), (t0,c1), (t1,c1), (t2,c1).
     np.testing.assert_array_equal(numpy(plan.group_expert), [0, 0, 1, 1, 2, 2])
-    np.testing.assert_array_equal(numpy(plan.slot_token)[:, 0], [0, 1, 2, 0, 1, 3])
-    np.testing.assert_array_equal(numpy(plan.assignment_slot), [[0, 3], [1, 4], [2, 6]])
+    np.testing.assert_array_equal(numpy(plan.row_token)[:, 0], [0, 1, 2, 0, 1, 3])
+    np.testing.assert_array_equal(numpy(plan.assignment_row), [[0, 3], [1, 4], [2, 6]])
     np.testing.assert_array_equal(numpy(plan.routed_per_expert), [2, 2, 1])
     # Capacity 1: first choices go first, then earlier tokens; expert 0 keeps (t0,c0)
     # and drops (t1,c0), expert 1 keeps (t2,c0) and drops (t0,c1).
     plan = dispatch.plan_gathered_dispatch(expert_index, active, 3, capacity=1)
-    np.testing.assert_array_equal(numpy(plan.assignment_slot), [[0, 6], [6, 4], [2, 6]])
+    np.testing.assert_array_equal(numpy(plan.assignment_row), [[0, 6], [6, 4], [2, 6]])
     np.testing.assert_array_equal(numpy(plan.processed_per_expert), [1, 1, 1])

@@ -13,7 +13,7 @@ How the layer turns its input into tokens is the bank class's `token_layout`:
 * "sequence" (attention experts): inputs are `[B, S, d]`; tokens are the B*S
   positions, and the bank needs per-sequence context (shared keys/values). The layer
   calls `context = bank.prepare_context(inputs, mask)` once on the whole `[B, S, d]`
-  input, then `bank(rows, group_expert=..., context=context, row_token=slot_token)`,
+  input, then `bank(rows, group_expert=..., context=context, row_token=row_token)`,
   where `row_token [G, R]` is the flat token index b*S + s of each row (T for an empty
   row). A bank whose `prepare_context` returns None is called without these two.
 * "example" (conv experts): every example `[B, ...]` is one token with its whole

@@ -57,7 +57,7 @@ def run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts
     lengths, run by `backend_fast_paths.run_experts_on_slices`.
     """
     context = layer.experts.prepare_context(inputs, mask)
-    extra = {} if context is None else {"context": context, "row_token": plan.slot_token}
+    extra = {} if context is None else {"context": context, "row_token": plan.row_token}
     if slice_counts is not None:
         return run_experts_on_slices(layer.experts, expert_inputs, slice_counts, training, **extra)
     return layer.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)

@@ -37,6 +37,8 @@ is masked the same way and does not move. Shapes never change, so a compiled ste
 keeps working when `dl_moe.lifecycle` edits the mask between steps.
 """
 
+from typing import Any, TypedDict
+
 import keras
 from keras import ops
 
@@ -304,11 +306,41 @@ def select_top_k(probs, top_k, normalize, bias=None):
     return weights, ops.cast(indices, "int32")
 
 
+class RoutingInfo(TypedDict, total=False):
+    """The `info` dict a router returns beside its weights and indices.
+
+    Every key is optional; a router fills the ones it computes.
+
+    Attributes:
+        gate_logits: `[..., E]` router logits before any noise (the z-loss reads them).
+        raw_gate_probs: `[..., E]` the probabilities the experts were selected from.
+            In training this includes the router's noise (noisy top-k, jitter), so it is
+            what the balancing losses and `overflow="reroute"` see. The name is kept
+            because code written against the API this package honours reads it
+            (`../shared/seeds/002_*`: `gating_info['raw_gate_probs']`).
+        active: `[..., k]` bool, False for the unused slots of dynamic-k routers.
+        dispatch_weights: `[B, S, E*P]` Soft MoE only: each slot's weights over the tokens.
+        group_probs, group_indices: hierarchical routing: the root level's
+            probabilities `[T, G]` and kept groups `[T, top_k_groups]`.
+        difficulty, complexity: `[T]` the per-token scores of the "conditional" and
+            "confidence" routers that set their number of experts.
+    """
+
+    gate_logits: Any
+    raw_gate_probs: Any
+    active: Any
+    dispatch_weights: Any
+    group_probs: Any
+    group_indices: Any
+    difficulty: Any
+    complexity: Any
+
+
 def call_router(router, inputs, training=None, mask=None):
     """Calls `router`, passing the token mask `[T]` only to routers whose `call` takes one.
 
     Returns:
-        `(weights, indices, info)` with `info` a dict.
+        `(weights, indices, info)` with `info` a `RoutingInfo` (a plain dict).
     """
     if mask is not None and getattr(router, "_call_has_mask_arg", False):
         weights, indices, info = router(inputs, training=training, mask=mask)
