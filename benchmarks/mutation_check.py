@@ -107,8 +107,8 @@ MUTANTS = [
     Mutant(
         "layer_combines_with_other_weights",
         "the layer combines with the routing weights of the other slots (router unchanged)",
-        "dispatch_lib.combine(expert_outputs, plan, weights)",
-        "dispatch_lib.combine(expert_outputs, plan, ops.flip(weights, axis=-1))",
+        "dispatch_lib.combine(expert_outputs, plan, combine_weights)",
+        "dispatch_lib.combine(expert_outputs, plan, ops.flip(combine_weights, axis=-1))",
         ("tests/test_properties.py::-k layer_invariants",),
     ),
     Mutant(
@@ -139,8 +139,8 @@ MUTANTS = [
     Mutant(
         "layer_ignores_gating_capacity_factor",
         "the layer sizes buffers from train/eval_capacity_factor, ignoring GatingConfig.capacity_factor",
-        "capacity_factor = config.capacity_factor(bool(training))",
-        "capacity_factor = config.train_capacity_factor if training else config.eval_capacity_factor",
+        "capacity_factor = layer.config.capacity_factor(bool(training))",
+        "capacity_factor = layer.config.train_capacity_factor if training else layer.config.eval_capacity_factor",
         (f"{REF}::-k overrides_both_phases",),
     ),
     # -------------------------------------------------------------- routing
@@ -155,9 +155,9 @@ MUTANTS = [
     Mutant(
         "aux_free_bias_on_weights",
         "the aux-free bias is added to the weights instead of the selection scores",
-        "_, indices = ops.top_k(probs + ops.cast(bias, probs.dtype), top_k)\n"
+        "_, indices = export_compat.top_k(probs + ops.cast(bias, probs.dtype), top_k)\n"
         "        weights = ops.take_along_axis(probs, indices, axis=-1)",
-        "_, indices = ops.top_k(probs, top_k)\n"
+        "_, indices = export_compat.top_k(probs, top_k)\n"
         "        weights = ops.take_along_axis(probs + ops.cast(bias, probs.dtype), indices, axis=-1)",
         (f"{ROUTERS_REF}::-k aux_free",),
     ),
@@ -236,8 +236,10 @@ MUTANTS = [
     Mutant(
         "noisy_top_k_without_softplus",
         "noisy top-k scales the noise by x W_noise instead of softplus(x W_noise)",
-        "noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel)) * self.noise_std",
-        "noise_scale = ops.matmul(x, self.noise_kernel) * self.noise_std",
+        "# [..., E]\n        selection_logits = logits\n        if training and self.add_noise:\n"
+        "            noise_scale = ops.softplus(ops.matmul(x, self.noise_kernel)) * self.noise_std",
+        "# [..., E]\n        selection_logits = logits\n        if training and self.add_noise:\n"
+        "            noise_scale = ops.matmul(x, self.noise_kernel) * self.noise_std",
         (f"{DOCUMENTED}::-k shazeer",),
     ),
     Mutant(
