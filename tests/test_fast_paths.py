@@ -61,8 +61,12 @@ def assert_same_results(portable, fast):
     for key, value in portable_counters.items():
         np.testing.assert_array_equal(fast_counters[key], value, err_msg=key)
     if fast_grads is not None:
+        # The two paths sum the same float32 terms in a different order, so gradients
+        # agree to a few ulps of the layer's largest gradient (grads reach ~10 here;
+        # some, like an attention key bias, are exactly 0 in theory and pure rounding).
+        scale = max(1.0, max(float(np.max(np.abs(grad))) for grad in portable_grads.values()))
         for name, grad in portable_grads.items():
-            np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
 
 
 @pytest.mark.parametrize("ffn_type, top_k", [("swiglu", 2), ("mlp", 3)])
