@@ -101,14 +101,7 @@ class BaseGating(keras.layers.Layer):
         self.bias_update_rate = float(bias_update_rate)
         if self.use_expert_bias:
             # Created here (its shape is known) so that every subclass gets it.
-            self.expert_bias = self.add_weight(
-                name="expert_bias",
-                shape=(num_experts,),
-                initializer="zeros",
-                trainable=False,
-                dtype="float32",
-                autocast=False,
-            )
+            self.expert_bias = self._add_expert_state("expert_bias", num_experts)
         self.initial_active_experts = initial_active_experts
         if initial_active_experts is not None:
             if not self.supports_expert_mask:
@@ -118,22 +111,17 @@ class BaseGating(keras.layers.Layer):
                     f"initial_active_experts must be in [1, num_experts={num_experts}], got {initial_active_experts!r}."
                 )
             live = [1.0] * initial_active_experts + [0.0] * (num_experts - initial_active_experts)
-            self.active_experts = self.add_weight(
-                name="active_experts",
-                shape=(num_experts,),
+            self.active_experts = self._add_expert_state(
+                "active_experts", num_experts,
                 initializer=lambda shape, dtype=None: ops.convert_to_tensor(live, dtype or "float32"),
-                trainable=False,
-                dtype="float32",
-                autocast=False,
             )
-            self.expert_logit_offset = self.add_weight(
-                name="expert_logit_offset",
-                shape=(num_experts,),
-                initializer="zeros",
-                trainable=False,
-                dtype="float32",
-                autocast=False,
-            )
+            self.expert_logit_offset = self._add_expert_state("expert_logit_offset", num_experts)
+
+    def _add_expert_state(self, name, num_experts, initializer="zeros"):
+        """A non-trainable float32 `[E]` variable the router updates or reads outside training."""
+        return self.add_weight(
+            name=name, shape=(num_experts,), initializer=initializer, trainable=False, dtype="float32", autocast=False
+        )
 
     @property
     def has_expert_mask(self):

@@ -287,14 +287,8 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
         steps["moe_buffered"] = without_gathered_plan(make_inference_step(layers["moe"], x))
     medians = time_steps(steps, repeats=repeats)
     result = {
-        "case": case.name,
-        "mode": case.mode,
+        **case_fields(case),
         "plan": "gathered" if gathered else ("capacity" if case.drop_tokens else "dropless"),
-        "T": case.tokens,
-        "d": case.hidden_dim,
-        "h": case.intermediate_size,
-        "E": case.num_experts,
-        "k": case.top_k,
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "all_experts_ms": medians["all_experts"] * 1e3,
@@ -399,6 +393,14 @@ def balanced_expert_rows(case, seed=0):
     return ops.convert_to_tensor(rng.normal(size=(case.num_experts, rows, case.hidden_dim)).astype("float32"))
 
 
+def case_fields(case):
+    """The case's name, mode and sizes, as every result row reports them."""
+    return {
+        "case": case.name, "mode": case.mode, "T": case.tokens, "d": case.hidden_dim,
+        "h": case.intermediate_size, "E": case.num_experts, "k": case.top_k,
+    }
+
+
 def run_case(case, repeats=5, include_all_experts=True, seed=0):
     """Times the case's layers; returns a dict of medians and ratios.
 
@@ -414,13 +416,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
     medians = time_steps(steps, repeats=repeats)
     result = {
-        "case": case.name,
-        "mode": case.mode,
-        "T": case.tokens,
-        "d": case.hidden_dim,
-        "h": case.intermediate_size,
-        "E": case.num_experts,
-        "k": case.top_k,
+        **case_fields(case),
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "vs_dense": medians["dense"] / medians["moe"],
