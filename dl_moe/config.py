@@ -683,6 +683,26 @@ class MoEConfig(_CheckedConfig):
             during training without changing any weight shape (see
             `dl_moe.lifecycle`). Needs a router with `supports_expert_mask`
             ("linear", "rmsnorm_linear", "cosine", "top_p").
+        dropless_classes: Dropless mode with a static token count, compiled or traced
+            (not eager PyTorch, which sizes its buffers from the concrete load): the
+            call runs the capacity plan of the smallest of a few static capacities
+            (capacity factors 1, 1.1, 1.25, 1.5, 2) that holds the batch's largest expert
+            load, chosen at run time with `keras.ops.switch`, and the block plan when
+            none holds it. Exactly dropless either way; False (default): always the block
+            plan. Each class is one more compiled branch (compile time grows with them).
+            See `dl_moe.capacity_classes`.
+        adaptive_capacity: Capacity mode, training, static token count: the capacity
+            factor follows the load instead of `train_capacity_factor`. It is the
+            smallest class factor (the bounds, and 1, 1.25, 1.5, 2, 3, 4 between them)
+            at or above `capacity_load_factor`, a moving average of the batches'
+            largest expert load over the mean load, clipped to
+            [min_capacity_factor, max_capacity_factor]. The statistic starts at
+            max_capacity_factor (a new router is unbalanced) and is kept by
+            `reset_routing_stats`. Needs drop_tokens=True and overflow="drop".
+        min_capacity_factor: adaptive_capacity: smallest capacity factor used.
+        max_capacity_factor: adaptive_capacity: largest capacity factor used.
+        capacity_decay: adaptive_capacity: weight of the old value in the moving
+            average (new = decay * old + (1 - decay) * this batch's max load / mean).
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -708,6 +728,11 @@ class MoEConfig(_CheckedConfig):
     overflow: str = _field("drop", _one_of(OVERFLOW_MODES))
     reroute_attempts: Optional[int] = _field(None, _positive_int(optional=True))
     initial_active_experts: Optional[int] = _field(None, _positive_int(optional=True))
+    dropless_classes: bool = _field(False, _boolean)
+    adaptive_capacity: bool = _field(False, _boolean)
+    min_capacity_factor: float = _field(1.0, _positive_float())
+    max_capacity_factor: float = _field(2.0, _positive_float())
+    capacity_decay: float = _field(0.9, _probability)
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):
@@ -732,6 +757,32 @@ class MoEConfig(_CheckedConfig):
         self._validate_catalog()
         self._validate_overflow()
         self._validate_active_experts()
+        self._validate_adaptive_capacity()
+
+    def _validate_adaptive_capacity(self):
+        """adaptive_capacity: capacity mode with overflow="drop"; its three settings only with it."""
+        if not self.adaptive_capacity:
+            for name, default in (("min_capacity_factor", 1.0), ("max_capacity_factor", 2.0), ("capacity_decay", 0.9)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"MoEConfig.{name} is only used with adaptive_capacity=True, got {name}="
+                        f"{getattr(self, name)!r} with adaptive_capacity=False."
+                    )
+            return
+        if not self.drop_tokens:
+            raise ValueError(
+                "MoEConfig.adaptive_capacity=True needs drop_tokens=True (capacity mode); dropless mode has no capacity."
+            )
+        if self.overflow != "drop":
+            raise ValueError(
+                f"MoEConfig.adaptive_capacity=True needs overflow='drop', got overflow={self.overflow!r} "
+                "(rerouting fills a capacity fixed before the call)."
+            )
+        if self.min_capacity_factor > self.max_capacity_factor:
+            raise ValueError(
+                f"MoEConfig.min_capacity_factor must be <= max_capacity_factor, got "
+                f"{self.min_capacity_factor} > {self.max_capacity_factor}."
+            )
 
     def _validate_active_experts(self):
         """initial_active_experts: 1 <= n <= E, a router that takes the expert mask, one routing level."""

@@ -404,16 +404,20 @@ def dispatch(tokens, plan):
         # of symbolic size as constants, which export cannot size; plain autodiff then.
         return gather(tokens)
 
+    # The index tensors are inputs of the custom-gradient function rather than values
+    # its gradient closes over: inside a `keras.ops.switch` branch (capacity classes)
+    # JAX cannot close a custom gradient over the branch's own traced values.
     @ops.custom_gradient
-    def gather_with_gather_gradient(values):
+    def gather_with_gather_gradient(values, row_token, assignment_row):
         def grad(*args, upstream=None):
             rows = ops.reshape(_upstream(args, upstream), (-1,) + feature_shape)  # [G*R, ...]
-            per_assignment = ops.take(_append_zero_row(rows), plan.assignment_row, axis=0)  # [T, k, ...]
-            return ops.sum(per_assignment, axis=1)
+            per_assignment = ops.take(_append_zero_row(rows), assignment_row, axis=0)  # [T, k, ...]
+            return ops.sum(per_assignment, axis=1), None, None
 
-        return gather(values), grad
+        flat = ops.reshape(row_token, (-1,))
+        return ops.reshape(ops.take(_append_zero_row(values), flat, axis=0), group_shape + feature_shape), grad
 
-    return gather_with_gather_gradient(tokens)
+    return gather_with_gather_gradient(tokens, plan.row_token, plan.assignment_row)
 
 
 def combine(expert_outputs, plan, weights):
@@ -445,9 +449,11 @@ def combine(expert_outputs, plan, weights):
     if plan.row_assignment is None or is_symbolic_dim(weights.shape[0]):
         return weighted_sum(gather_assignments(expert_outputs), weights)
 
+    # Index tensors as inputs, not closed over: see `dispatch`.
     @ops.custom_gradient
-    def combine_with_gather_gradient(outputs, w):
-        gathered = gather_assignments(outputs)
+    def combine_with_gather_gradient(outputs, w, assignment_row, row_token, row_assignment):
+        rows = _append_zero_row(ops.reshape(outputs, (-1,) + feature_shape))  # [G*R + 1, ...]
+        gathered = ops.take(rows, assignment_row, axis=0)  # [T, k, ...]
 
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)  # [T, ...]
@@ -457,14 +463,16 @@ def combine(expert_outputs, plan, weights):
             grad_weights = ops.cast(ops.einsum("tkf,tf->tk", flat_gathered, flat_upstream), w.dtype)
             # d/d row r = weight of the row's assignment * upstream of the row's token.
             flat_weights = _append_zero_row(ops.reshape(ops.transpose(ops.cast(w, upstream.dtype)), (-1,)))
-            row_weights = ops.take(flat_weights, plan.row_assignment, axis=0)  # [G, R]
-            row_upstream = ops.take(_append_zero_row(upstream), plan.row_token, axis=0)  # [G, R, ...]
+            row_weights = ops.take(flat_weights, row_assignment, axis=0)  # [G, R]
+            row_upstream = ops.take(_append_zero_row(upstream), row_token, axis=0)  # [G, R, ...]
             grad_outputs = row_upstream * _broadcast_weights(row_weights, rank)
-            return grad_outputs, grad_weights
+            return grad_outputs, grad_weights, None, None, None
 
         return weighted_sum(gathered, w), grad
 
-    return combine_with_gather_gradient(expert_outputs, weights)
+    return combine_with_gather_gradient(
+        expert_outputs, weights, plan.assignment_row, plan.row_token, plan.row_assignment
+    )
 
 
 def plan_expert_choice_dispatch(token_index, num_tokens, num_experts):

@@ -8,9 +8,11 @@ value is kept in a variable for logging. A new statistic or loss is a change her
 `routing_stats` reads them back.
 """
 
+import keras
 import numpy as np
 from keras import ops
 
+from dl_moe.capacity_classes import max_load_factor
 from dl_moe.losses import importance_loss, load_balancing_loss, router_entropy_loss, router_z_loss
 
 # (variable name, per expert?) in creation order: the order is part of the `.keras`
@@ -31,6 +33,15 @@ STATISTICS = (
 # keep their variable layout): name -> (per expert?, predicate of the MoEConfig).
 OPTIONAL_STATISTICS = {
     "rerouted_assignments": (False, lambda config: config.overflow == "reroute"),  # moved by overflow="reroute"
+}
+
+
+# Control state: non-trainable variables the forward pass reads back (not statistics,
+# so `reset_statistics` keeps them), created only when the config asks for them:
+# name -> (predicate of the MoEConfig, initial value from the MoEConfig).
+CONTROL_STATE = {
+    # Moving average of the largest expert load over the mean (adaptive_capacity).
+    "capacity_load_factor": (lambda config: config.adaptive_capacity, lambda config: config.max_capacity_factor),
 }
 
 
@@ -57,6 +68,18 @@ def create_statistics(layer, num_experts):
     for name in OPTIONAL_STATISTICS:
         if name not in dict(optional):
             setattr(layer, name, None)
+    for name, (wanted, initial) in CONTROL_STATE.items():
+        variable = None
+        if wanted(layer.config):
+            variable = layer.add_weight(
+                name=name,
+                shape=(),
+                initializer=keras.initializers.Constant(initial(layer.config)),
+                trainable=False,
+                dtype="float32",
+                autocast=False,
+            )
+        setattr(layer, name, variable)
 
 
 def reset_statistics(layer):
@@ -64,6 +87,14 @@ def reset_statistics(layer):
     for name in _layer_statistics(layer):
         variable = getattr(layer, name)
         variable.assign(ops.zeros(variable.shape, variable.dtype))
+
+
+def update_capacity_load_factor(layer, loads):
+    """Moves `capacity_load_factor` toward this call's largest load over the mean load
+    (loads `[E]`), with weight 1 - `capacity_decay`."""
+    decay = layer.config.capacity_decay
+    measured = ops.stop_gradient(max_load_factor(loads))
+    layer.capacity_load_factor.assign(decay * layer.capacity_load_factor + (1.0 - decay) * measured)
 
 
 def record_rerouted(layer, rerouted):
@@ -212,4 +243,6 @@ def routing_stats(layer):
         stats["expert_bias"] = _to_numpy(bias)
     if getattr(layer.gating_network, "has_expert_mask", False):
         stats["active_experts"] = live_expert_mask(layer)
+    if getattr(layer, "capacity_load_factor", None) is not None:
+        stats["capacity_load_factor"] = float(_to_numpy(layer.capacity_load_factor))
     return stats

@@ -1,13 +1,17 @@
 """Token-choice forward: every token picks its k experts (linear, cosine, top-p, ...).
 
 route (`[T, k]` weights and experts) → with `overflow="reroute"`, the overflow moved
-to fallback experts (`dl_moe.overflow`) → dispatch (a capacity, dropless or, in eager
-PyTorch, per-expert-slice plan) → experts → combine (weighted sum of each token's
-k outputs).
+to fallback experts (`dl_moe.overflow`) → dispatch (a capacity, dropless, gathered
+small-batch or, in eager PyTorch, per-expert-slice plan; or, with capacity classes,
+the capacity plan of the class chosen at run time, `dl_moe.capacity_classes`) →
+experts → combine (weighted sum of each token's k outputs).
 """
+
+from typing import NamedTuple
 
 from keras import ops
 
+from dl_moe import capacity_classes
 from dl_moe import dispatch as dispatch_lib
 from dl_moe import export_compat
 from dl_moe import overflow as overflow_lib
@@ -52,18 +56,21 @@ def forward(layer, inputs, training, mask, router_inputs=None):
         )
         dispatch_indices, active = reroute.expert_index, reroute.kept
 
-    # Dispatch.
-    plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
+    # Dispatch → experts → combine: one plan, or (capacity classes) the plan of the
+    # class this call needs, chosen at run time.
     dispatched, combine_weights = tokens, dispatch_weights
     if layer.config.scale_expert_inputs:
         dispatched, combine_weights = weight_expert_inputs(tokens, dispatch_weights, active)
-    expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(dispatched, plan), plan)  # [G, R, d]
-
-    # Experts.
-    expert_outputs = run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts)
-
-    # Combine.
-    outputs = dispatch_lib.combine(expert_outputs, plan, combine_weights)  # [T, ...o]
+    classes = choose_capacity_class(layer, dispatch_indices, active, training)
+    if classes is None:
+        plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
+        outputs = dispatch_compute_combine(layer, dispatched, combine_weights, plan, inputs, mask, training, slice_counts)
+    else:
+        outputs, plan = run_capacity_class(
+            layer, classes, dispatched, combine_weights, dispatch_indices, active, inputs, mask, training
+        )
+        if layer.config.adaptive_capacity and training:
+            statistics.update_capacity_load_factor(layer, classes.loads)
     fully_dropped = ops.any(routed_active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
 
     if reroute is not None:
@@ -76,6 +83,105 @@ def forward(layer, inputs, training, mask, router_inputs=None):
         )
     statistics.record_token_routing(layer, plan, token_mask, fully_dropped)
     return finish(layer, outputs, tokens, fully_dropped, leading_shape, mask, training)
+
+
+def dispatch_compute_combine(layer, tokens, weights, plan, inputs, mask, training, slice_counts=None):
+    """Tokens `[T, d]` → buffers `[G, R, d]` (dispatch) → bank → `[T, ...o]` (combine,
+    weighted by `weights [T, k]`)."""
+    expert_inputs = place_on_expert_devices(layer, dispatch_lib.dispatch(tokens, plan), plan)  # [G, R, d]
+    expert_outputs = run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts)
+    return dispatch_lib.combine(expert_outputs, plan, weights)  # [T, ...o]
+
+
+class ClassChoice(NamedTuple):
+    """The capacity classes of one call and the one it runs.
+
+    Attributes:
+        capacities: C_i per class (Python ints); None stands for the dropless block
+            plan (the fallback of dropless classes, which every load fits).
+        index: Scalar int32 tensor, the class to run.
+        loads: `[E]` int32 active assignments per expert.
+    """
+
+    capacities: list
+    index: object
+    loads: object
+
+
+class SwitchedPlan(NamedTuple):
+    """What the statistics need of the plan a capacity class ran (`DispatchPlan`'s names)."""
+
+    routed_per_expert: object
+    processed_per_expert: object
+    kept: object
+
+
+def choose_capacity_class(layer, indices, active, training):
+    """The `ClassChoice` of `[T, k]` assignments, or None when capacity classes do not apply.
+
+    They apply when T is static, the layer is not expert-parallel, the gathered
+    small-batch plan does not take the batch, eager PyTorch does not run per-expert
+    slices (which already size buffers from the concrete load), and either
+    * dropless mode with `dropless_classes`: the first of `CLASS_FACTORS`' capacities
+      that holds the largest load, else the block plan (not needed when the largest
+      class has T rows, which every load fits); or
+    * capacity mode in training with `adaptive_capacity`: the first class factor at or
+      above `capacity_load_factor`, clipped to [min, max]_capacity_factor.
+    """
+    config = layer.config
+    num_tokens = indices.shape[0]
+    if not isinstance(num_tokens, int) or config.expert_parallel or torch_eager_slices_enabled():
+        return None
+    if config.drop_tokens:
+        if not (config.adaptive_capacity and training):
+            return None
+        factors = capacity_classes.adaptive_factors(config.min_capacity_factor, config.max_capacity_factor)
+    elif config.dropless_classes:
+        factors = capacity_classes.CLASS_FACTORS
+    else:
+        return None
+    if small_batch_plan(layer, indices, active, training) is not None:
+        return None
+    num_experts = config.num_experts
+    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    capacities, factors = capacity_classes.class_capacities(num_tokens, top_k, num_experts, factors)
+    loads = capacity_classes.expert_loads(indices, active, num_experts)
+    if config.drop_tokens:
+        load_factor = ops.clip(layer.capacity_load_factor, config.min_capacity_factor, config.max_capacity_factor)
+        return ClassChoice(capacities, capacity_classes.class_of_factor(load_factor, factors), loads)
+    index = capacity_classes.smallest_class_holding(ops.max(loads), capacities)
+    if capacities[-1] < num_tokens:
+        capacities = capacities + [None]  # the block plan holds what no class does
+    return ClassChoice(capacities, index, loads)
+
+
+def run_capacity_class(layer, classes, tokens, weights, indices, active, inputs, mask, training):
+    """Runs dispatch → experts → combine with the plan of the chosen class (`ops.switch`).
+
+    Returns:
+        `(outputs [T, ...o], SwitchedPlan)`.
+    """
+    num_experts = layer.config.num_experts
+
+    def branch_for(capacity):
+        def branch(tokens, weights, indices, active):
+            if capacity is None:
+                block = dispatch_lib.dropless_block_size(
+                    indices.shape[0], indices.shape[1], num_experts, layer.config.dropless_block_size
+                )
+                plan = dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block)
+            else:
+                plan = dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity)
+            outputs = dispatch_compute_combine(layer, tokens, weights, plan, inputs, mask, training)
+            return outputs, plan.processed_per_expert, ops.cast(plan.kept, "int32")
+
+        return branch
+
+    branches = [branch_for(capacity) for capacity in classes.capacities]
+    outputs, processed, kept = capacity_classes.run_switched(
+        classes.index, branches, (tokens, weights, indices, active), rematerialize=bool(training)
+    )
+    return outputs, SwitchedPlan(classes.loads, processed, kept > 0)
 
 
 def routing_decision(layer, inputs, training, mask):

@@ -17,6 +17,8 @@ JAX and TensorFlow, eager under `torch.no_grad()` on PyTorch) at decode- to
 prefill-sized token counts (`--tokens`, default 1, 8, 64, 256, 4096), capacity mode
 and dropless, against the same two anchors; `--compare-plans` also times the layer
 with the small-batch gathered plan (`dispatch.plan_gathered_dispatch`) switched off.
+`--compare-plans` also times the dropless cases (training, and inference where
+the gathered plan does not apply) with `dropless_classes=True`, the same weights.
 """
 
 import dataclasses
@@ -112,9 +114,9 @@ class AllExpertsSwiGLU(keras.layers.Layer):
         return ops.einsum("etd,te->td", out, dense_weights)
 
 
-def build_layers(case):
-    """The three layers of a case: `{"moe": ..., "dense": ..., "all_experts": ...}`."""
-    moe = create_ffn_moe(
+def build_moe(case, **overrides):
+    """The case's MoE layer (`overrides`: further `create_ffn_moe` fields)."""
+    return create_ffn_moe(
         case.num_experts,
         case.hidden_dim,
         top_k=case.top_k,
@@ -124,9 +126,36 @@ def build_layers(case):
         drop_tokens=case.drop_tokens,
         train_capacity_factor=case.capacity_factor,
         eval_capacity_factor=case.capacity_factor,
+        **overrides,
     )
+
+
+def with_dropless_classes(case, moe, x):
+    """The case's MoE layer with `dropless_classes=True` and `moe`'s weights."""
+    if not moe.built:
+        moe.build(x.shape)
+    layer = build_moe(case, dropless_classes=True)
+    layer.build(x.shape)
+    layer.set_weights(moe.get_weights())
+    return layer
+
+
+def classes_fields(medians):
+    """`classes_ms`, `classes_vs_dense` and `classes_speedup` (over the block plan)
+    when `medians` timed `moe_classes`, else nothing."""
+    if "moe_classes" not in medians:
+        return {}
     return {
-        "moe": moe,
+        "classes_ms": medians["moe_classes"] * 1e3,
+        "classes_vs_dense": medians["dense"] / medians["moe_classes"],
+        "classes_speedup": medians["moe"] / medians["moe_classes"],
+    }
+
+
+def build_layers(case):
+    """The three layers of a case: `{"moe": ..., "dense": ..., "all_experts": ...}`."""
+    return {
+        "moe": build_moe(case),
         "dense": DenseSwiGLU(case.top_k * case.intermediate_size),
         "all_experts": AllExpertsSwiGLU(case.num_experts, case.intermediate_size, case.top_k),
     }
@@ -285,6 +314,8 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     gathered = dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts)
     if compare_plans and gathered:
         steps["moe_buffered"] = without_gathered_plan(make_inference_step(layers["moe"], x))
+    if compare_plans and not case.drop_tokens and not gathered:
+        steps["moe_classes"] = make_inference_step(with_dropless_classes(case, layers["moe"], x), x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
@@ -298,20 +329,23 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     if "moe_buffered" in medians:
         result["moe_buffered_ms"] = medians["moe_buffered"] * 1e3
         result["gathered_speedup"] = medians["moe_buffered"] / medians["moe"]
+    result.update(classes_fields(medians))
     return result
 
 
 def format_inference_table(results):
     """Markdown table of `run_inference_case` results."""
     lines = [
-        "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | buffered ms |",
-        "|" + "---|" * 9,
+        "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | buffered ms "
+        "| classes MoE/dense |",
+        "|" + "---|" * 10,
     ]
     for r in results:
         buffered = f"{r['moe_buffered_ms']:.3f}" if "moe_buffered_ms" in r else "–"
+        classes = f"{r['classes_vs_dense']:.2f}" if "classes_vs_dense" in r else "–"
         lines.append(
             f"| {r['T']} | {r['mode']} | {r['plan']} | {r['moe_ms']:.3f} | {r['dense_ms']:.3f} | "
-            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} |"
+            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} | {classes} |"
         )
     return "\n".join(lines)
 
@@ -401,12 +435,16 @@ def case_fields(case):
     }
 
 
-def run_case(case, repeats=5, include_all_experts=True, seed=0):
+def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=False):
     """Times the case's layers; returns a dict of medians and ratios.
 
     Besides the two anchors it times the MoE layer's expert bank alone on balanced
     `[E, T*k/E, d]` rows (`experts_only`): the expert matmuls with no routing,
     dispatch or combine, i.e. the ceiling of the layer on this backend.
+
+    `compare_plans` (dropless cases): also times the layer with
+    `dropless_classes=True` (capacity classes instead of the block plan, same
+    weights; `classes_ms`, `classes_vs_dense`, `classes_speedup`).
     """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
@@ -414,6 +452,8 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
     steps = {name: make_train_step(layers[name], x) for name in names}
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
+    if compare_plans and not case.drop_tokens:
+        steps["moe_classes"] = make_train_step(with_dropless_classes(case, layers["moe"], x), x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
@@ -426,6 +466,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0):
     if include_all_experts:
         result["all_experts_ms"] = medians["all_experts"] * 1e3
         result["vs_all_experts"] = medians["all_experts"] / medians["moe"]
+    result.update(classes_fields(medians))
     return result
 
 
@@ -547,14 +588,15 @@ def environment():
 def format_table(results):
     header = (
         "| case | mode | T | E | k | h | MoE ms | dense ms | MoE/dense throughput | × all-experts "
-        "| experts only/dense |"
+        "| experts only/dense | classes MoE/dense |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for r in results:
         all_experts = f"{r['vs_all_experts']:.1f}×" if "vs_all_experts" in r else "–"
+        classes = f"{r['classes_vs_dense']:.2f}" if "classes_vs_dense" in r else "–"
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['T']} | {r['E']} | {r['k']} | {r['h']} | {r['moe_ms']:.1f} | "
-            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} | {r['experts_only_vs_dense']:.2f} |"
+            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} | {r['experts_only_vs_dense']:.2f} | {classes} |"
         )
     return "\n".join(lines)
 
@@ -618,7 +660,8 @@ def main(argv=None):
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="--inference: capacity factor")
     parser.add_argument(
         "--compare-plans", action="store_true",
-        help="--inference: also time the layer without the small-batch gathered plan where it applies",
+        help="also time the layer without its run-time plan choice: --inference, without the small-batch "
+        "gathered plan where it applies; training, dropless cases with dropless_classes=False (block plan)",
     )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -642,7 +685,7 @@ def main(argv=None):
     print(json.dumps(env))
     report = {"environment": env, "results": []}
     for case in [c for c in STANDARD_CASES if c.name in names]:
-        result = run_case(case, repeats=args.repeats)
+        result = run_case(case, repeats=args.repeats, compare_plans=args.compare_plans)
         report["results"].append(result)
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
     print(format_table(report["results"]))

@@ -1,0 +1,228 @@
+"""Capacity classes: dropless classes and capacity that follows the load.
+
+The references are numpy (`tests.reference`): a dropless layer must equal the
+reference MoE with no capacity whichever class it runs, and an adaptive-capacity
+layer must equal the reference with the capacity of the class its load statistic
+picks (the factor is written in the test, not read from the code).
+
+Eager PyTorch normally sizes dropless buffers from the concrete load (per-expert
+slices) and never runs the classes; these tests switch the slices off there, so the
+`keras.ops.switch` path runs on all three backends.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import dl_moe
+from dl_moe import capacity_classes
+from dl_moe.forward import token_choice
+from tests import reference
+from tests.autodiff import gradients
+from tests.layer_checks import BACKEND
+
+D, H, E, K = 8, 12, 4, 2
+
+
+@pytest.fixture(autouse=True)
+def _classes_on_every_backend(monkeypatch):
+    monkeypatch.setattr(token_choice, "torch_eager_slices_enabled", lambda: False)
+
+
+def randomized_layer(x, seed=1, **kwargs):
+    kwargs = {"num_experts": E, "top_k": K, "ffn_type": "swiglu", "use_bias": False, **kwargs}
+    layer = dl_moe.create_ffn_moe(hidden_dim=D, intermediate_size=H, **kwargs)
+    layer.build(x.shape)
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
+    return layer
+
+
+def counters(layer):
+    names = ("routed_tokens_per_expert", "processed_tokens_per_expert", "dropped_tokens")
+    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
+
+
+def test_class_capacities_by_hand():
+    # T=64, k=2, E=8: mean load 16. Factors 1, 1.25, 1.5, 2 give 16, ceil(20) -> 24,
+    # 24 (the same C as 1.25, so dropped), 32 rows.
+    capacities, factors = capacity_classes.class_capacities(64, 2, 8, (1.0, 1.25, 1.5, 2.0))
+    assert capacities == [16, 24, 32]
+    assert factors == [1.0, 1.25, 2.0]
+    # T=4: every factor rounds to 8 rows (and no capacity exceeds T rounded up to 8).
+    assert capacity_classes.class_capacities(4, 2, 8, (1.0, 2.0)) == ([8], [1.0])
+
+
+@pytest.mark.parametrize("max_load, expected", [(0, 0), (16, 0), (17, 1), (24, 1), (32, 2), (33, 3)])
+def test_smallest_class_holding(max_load, expected):
+    index = capacity_classes.smallest_class_holding(ops.convert_to_tensor(max_load, "int32"), [16, 24, 32])
+    assert int(ops.convert_to_numpy(index)) == expected
+
+
+def test_adaptive_factors_and_class_of_factor():
+    assert capacity_classes.adaptive_factors(1.1, 2.5) == [1.1, 1.25, 1.5, 2.0, 2.5]
+    factors = [1.0, 1.25, 2.0]
+    for load_factor, expected in [(0.5, 0), (1.0, 0), (1.01, 1), (1.25, 1), (1.9, 2), (7.0, 2)]:
+        assert int(ops.convert_to_numpy(capacity_classes.class_of_factor(load_factor, factors))) == expected
+
+
+def skewed_tokens(num_tokens, seed=0):
+    """Every token nearly the same: the router sends all of them to the same k experts."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(1, D))
+    return (base + 1e-3 * rng.normal(size=(num_tokens, D))).astype("float32")
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
+def test_dropless_classes_match_the_reference_and_the_block_plan(skewed):
+    num_tokens, num_experts = 24, 8
+    x = skewed_tokens(num_tokens) if skewed else np.random.default_rng(0).normal(size=(num_tokens, D)).astype("float32")
+    with_classes = randomized_layer(x, num_experts=num_experts, drop_tokens=False)
+    blocks = randomized_layer(x, num_experts=num_experts, drop_tokens=False, dropless_classes=False)
+
+    indices = np.asarray(with_classes.route(x)["indices"])
+    max_load = np.bincount(indices.reshape(-1), minlength=num_experts).max()
+    choice = token_choice.choose_capacity_class(
+        with_classes, ops.convert_to_tensor(indices), ops.ones(indices.shape, "bool"), training=True
+    )
+    # T*k/E = 6 rows an expert: factors 1, 1.1 and 1.25 round up to 8 rows, 1.5 and 2
+    # to 16; then the block plan, for loads above 16 (up to T = 24). All 24 tokens on
+    # two experts fit no class.
+    assert choice.capacities == [8, 16, None]
+    expected_class = 2 if max_load > 16 else (0 if max_load <= 8 else 1)
+    assert int(ops.convert_to_numpy(choice.index)) == expected_class
+    assert (expected_class == 2) == skewed
+
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(with_classes), num_experts=num_experts, top_k=K, ffn_type="swiglu", use_bias=False,
+    )
+    for layer in (with_classes, blocks):
+        out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+        np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
+        stats = counters(layer)
+        np.testing.assert_array_equal(stats["processed_tokens_per_expert"], ref["load"])
+        assert stats["dropped_tokens"] == 0
+
+    def loss_of(layer):
+        return lambda inputs: ops.sum(ops.square(layer(inputs, training=True)))
+
+    grads_classes = gradients(loss_of(with_classes), x, variables=with_classes.trainable_variables)
+    grads_blocks = gradients(loss_of(blocks), x, variables=blocks.trainable_variables)
+    for got, want in zip(grads_classes, grads_blocks):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def compiled_training_output(layer, x):
+    """The layer's training output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=True)[0])
+        return np.asarray(fn(trainable, non_trainable, x))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: layer(x, training=True), jit_compile=True)(x).numpy()
+    return np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
+def test_dropless_classes_compiled_equal_eager(skewed):
+    x = skewed_tokens(40) if skewed else np.random.default_rng(3).normal(size=(40, D)).astype("float32")
+    layer = randomized_layer(x, drop_tokens=False)
+    eager = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+    np.testing.assert_allclose(compiled_training_output(layer, x), eager, rtol=1e-5, atol=1e-5)
+
+
+def adaptive_layer(x, **kwargs):
+    return randomized_layer(
+        x, adaptive_capacity=True, min_capacity_factor=1.0, max_capacity_factor=2.0, capacity_decay=0.5, **kwargs
+    )
+
+
+@pytest.mark.parametrize("load_factor, class_factor", [(0.7, 1.0), (1.1, 1.25), (1.6, 2.0), (9.0, 2.0)])
+def test_adaptive_capacity_runs_the_class_of_its_load_statistic(load_factor, class_factor):
+    num_tokens = 48
+    x = np.random.default_rng(4).normal(size=(num_tokens, D)).astype("float32")
+    layer = adaptive_layer(x)
+    layer.capacity_load_factor.assign(load_factor)
+    out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+
+    cap = reference.capacity(num_tokens, K, E, class_factor)
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(layer), num_experts=E, top_k=K, ffn_type="swiglu", use_bias=False, cap=cap,
+    )
+    np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
+    stats = counters(layer)
+    np.testing.assert_array_equal(stats["processed_tokens_per_expert"], np.minimum(ref["load"], cap))
+    np.testing.assert_array_equal(stats["routed_tokens_per_expert"], ref["load"])
+
+    # The statistic moves halfway (capacity_decay=0.5) to this batch's max load / mean load.
+    measured = ref["load"].max() / ref["load"].mean()
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(layer.capacity_load_factor)), 0.5 * load_factor + 0.5 * measured, rtol=1e-6
+    )
+
+
+def test_adaptive_capacity_only_in_training_and_state_survives_reset_and_save(tmp_path):
+    x = np.random.default_rng(5).normal(size=(32, D)).astype("float32")
+    layer = adaptive_layer(x)
+    assert float(ops.convert_to_numpy(layer.capacity_load_factor)) == 2.0  # starts at max_capacity_factor
+    layer(x, training=False)
+    assert float(ops.convert_to_numpy(layer.capacity_load_factor)) == 2.0  # inference leaves it alone
+    layer(x, training=True)
+    moved = float(ops.convert_to_numpy(layer.capacity_load_factor))
+    assert moved != 2.0
+    assert layer.get_routing_stats()["capacity_load_factor"] == pytest.approx(moved)
+    layer.reset_routing_stats()
+    assert float(ops.convert_to_numpy(layer.capacity_load_factor)) == moved
+
+    model = keras.Sequential([keras.Input((D,)), layer])
+    path = str(tmp_path / "adaptive.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert float(ops.convert_to_numpy(loaded.layers[0].capacity_load_factor)) == pytest.approx(moved)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loaded(x, training=False)), ops.convert_to_numpy(model(x, training=False)), atol=1e-6
+    )
+
+
+def test_adaptive_capacity_follows_a_skewed_router_and_drops_less():
+    """Training on a skewed batch: the statistic rises toward its load, the class with it,
+    and the dropped share falls below that of a fixed factor of 1."""
+    x = skewed_tokens(32, seed=6)
+    x[::2] = np.random.default_rng(7).normal(size=(16, D))  # half the tokens spread out
+    layer = randomized_layer(
+        x, adaptive_capacity=True, min_capacity_factor=1.0, max_capacity_factor=4.0, capacity_decay=0.5
+    )
+    fixed = randomized_layer(x, train_capacity_factor=1.0)
+    layer.capacity_load_factor.assign(1.0)
+    for _ in range(6):
+        layer(x, training=True)
+    fixed(x, training=True)
+    load = counters(layer)["routed_tokens_per_expert"]
+    measured = load.max() / load.mean()  # six identical calls: the same load each time
+    np.testing.assert_allclose(
+        float(ops.convert_to_numpy(layer.capacity_load_factor)), measured + (1.0 - measured) * 0.5**6, rtol=1e-5
+    )
+    assert layer.get_routing_stats()["dropped_fraction"] < fixed.get_routing_stats()["dropped_fraction"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(adaptive_capacity=True, drop_tokens=False), "adaptive_capacity=True needs drop_tokens=True"),
+        (dict(adaptive_capacity=True, overflow="reroute"), "adaptive_capacity=True needs overflow='drop'"),
+        (dict(adaptive_capacity=True, min_capacity_factor=2.5), "min_capacity_factor must be <= max_capacity_factor"),
+        (dict(max_capacity_factor=3.0), "max_capacity_factor is only used with adaptive_capacity=True"),
+        (dict(capacity_decay=0.5), "capacity_decay is only used with adaptive_capacity=True"),
+        (dict(adaptive_capacity=True, capacity_decay=1.0), "capacity_decay"),
+    ],
+)
+def test_adaptive_capacity_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dl_moe.create_ffn_moe(hidden_dim=D, intermediate_size=H, num_experts=E, **kwargs)
