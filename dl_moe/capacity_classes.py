@@ -97,10 +97,12 @@ def run_switched(index, branches, operands, rematerialize=False):
     backward pass recomputes its forward. Without it, differentiating a switch makes
     every branch return the intermediates of all branches for the backward pass
     (zeros for those not taken); with a few `[E, C, h]` branches that costs more than
-    recomputing the one taken.
+    recomputing the one taken. Not on TensorFlow (see below).
     """
     if len(branches) == 1:
         return branches[0](*operands)
-    if rematerialize:
+    # TensorFlow's `keras.remat` (tf.recompute_grad) gives no gradient to variables
+    # read inside a tf.function; there the switch differentiates as it is.
+    if rematerialize and keras.backend.backend() != "tensorflow":
         branches = [keras.remat(branch) for branch in branches]
     return ops.switch(ops.cast(index, "int32"), branches, *operands)

@@ -79,7 +79,7 @@ def skewed_tokens(num_tokens, seed=0):
 def test_dropless_classes_match_the_reference_and_the_block_plan(skewed):
     num_tokens, num_experts = 24, 8
     x = skewed_tokens(num_tokens) if skewed else np.random.default_rng(0).normal(size=(num_tokens, D)).astype("float32")
-    with_classes = randomized_layer(x, num_experts=num_experts, drop_tokens=False)
+    with_classes = randomized_layer(x, num_experts=num_experts, drop_tokens=False, dropless_classes=True)
     blocks = randomized_layer(x, num_experts=num_experts, drop_tokens=False, dropless_classes=False)
 
     indices = np.asarray(with_classes.route(x)["indices"])
@@ -133,9 +133,45 @@ def compiled_training_output(layer, x):
 @pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
 def test_dropless_classes_compiled_equal_eager(skewed):
     x = skewed_tokens(40) if skewed else np.random.default_rng(3).normal(size=(40, D)).astype("float32")
-    layer = randomized_layer(x, drop_tokens=False)
+    layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=True)
     eager = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
     np.testing.assert_allclose(compiled_training_output(layer, x), eager, rtol=1e-5, atol=1e-5)
+
+
+def compiled_training_gradients(layer, x):
+    """Gradients of sum(outputs^2) w.r.t. the trainable weights, compiled (jax.jit,
+    tf.function(jit_compile=True)); eager on torch."""
+    if BACKEND == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, x):
+            return ops.sum(ops.square(layer.stateless_call(trainable, non_trainable, x, training=True)[0]))
+
+        grads = jax.jit(jax.grad(loss))([v.value for v in layer.trainable_variables], x)
+        return [np.asarray(g) for g in grads]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=True)
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+            return tape.gradient(loss, [v.value for v in layer.trainable_variables])
+
+        return [tf.convert_to_tensor(g).numpy() for g in step(x)]
+    return gradients(lambda x: ops.sum(ops.square(layer(x, training=True))), x, variables=layer.trainable_variables)[1:]
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
+def test_dropless_classes_compiled_gradients_equal_the_block_plan(skewed):
+    x = skewed_tokens(40) if skewed else np.random.default_rng(8).normal(size=(40, D)).astype("float32")
+    with_classes = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=True)
+    blocks = randomized_layer(x, num_experts=8, drop_tokens=False)
+    for got, want in zip(compiled_training_gradients(with_classes, x), compiled_training_gradients(blocks, x)):
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def adaptive_layer(x, **kwargs):

@@ -9,6 +9,7 @@ experts → combine (weighted sum of each token's k outputs).
 
 from typing import NamedTuple
 
+import keras
 from keras import ops
 
 from dl_moe import capacity_classes
@@ -151,7 +152,12 @@ def choose_capacity_class(layer, indices, active, training):
         return ClassChoice(capacities, capacity_classes.class_of_factor(load_factor, factors), loads)
     index = capacity_classes.smallest_class_holding(ops.max(loads), capacities)
     if capacities[-1] < num_tokens:
-        capacities = capacities + [None]  # the block plan holds what no class does
+        # The block plan holds what no class does. Training on TensorFlow takes a
+        # class of T rows instead: under XLA the gradient of the block plan's weight
+        # gathers inside a switch branch does not compile (a segment count that is
+        # not a compile-time constant).
+        tf_training = bool(training) and keras.backend.backend() == "tensorflow"
+        capacities = capacities + [dispatch_lib.round_up_rows(num_tokens) if tf_training else None]
     return ClassChoice(capacities, index, loads)
 
 
