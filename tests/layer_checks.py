@@ -11,9 +11,33 @@ import keras
 import numpy as np
 from keras import ops
 
+import dl_moe
 from tests.autodiff import gradients
 
 BACKEND = keras.backend.backend()
+
+ROUTING_COUNTERS = ("routed_tokens_per_expert", "processed_tokens_per_expert", "seen_tokens", "dropped_tokens")
+
+
+def randomized_ffn_moe(x, seed=1, quantize=False, **create_kwargs):
+    """`create_ffn_moe(**create_kwargs)` built for `x`, every trainable weight drawn from N(0, 0.4²).
+
+    The layers' own initialisers give near-zero routers and small outputs; random weights
+    make routing and outputs distinctive, so a mismatch with a reference shows.
+    """
+    layer = dl_moe.create_ffn_moe(**create_kwargs)
+    layer.build(x.shape)
+    rng = np.random.default_rng(seed)
+    for v in layer.trainable_weights:
+        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
+    if quantize:
+        layer.quantize("int8")
+    return layer
+
+
+def routing_counters(layer, names=ROUTING_COUNTERS):
+    """The layer's routing counters (non-trainable variables) as numpy, by name."""
+    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
 
 
 def trainable_gradients(layer, inputs, training=True):

@@ -20,7 +20,7 @@ from dl_moe import capacity_classes
 from dl_moe.forward import token_choice
 from tests import reference
 from tests.autodiff import gradients
-from tests.layer_checks import BACKEND
+from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
 
 D, H, E, K = 8, 12, 4, 2
 
@@ -30,19 +30,9 @@ def _classes_on_every_backend(monkeypatch):
     monkeypatch.setattr(token_choice, "torch_eager_slices_enabled", lambda: False)
 
 
-def randomized_layer(x, seed=1, **kwargs):
+def randomized_layer(x, **kwargs):
     kwargs = {"num_experts": E, "top_k": K, "ffn_type": "swiglu", "use_bias": False, **kwargs}
-    layer = dl_moe.create_ffn_moe(hidden_dim=D, intermediate_size=H, **kwargs)
-    layer.build(x.shape)
-    rng = np.random.default_rng(seed)
-    for v in layer.trainable_weights:
-        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
-    return layer
-
-
-def counters(layer):
-    names = ("routed_tokens_per_expert", "processed_tokens_per_expert", "dropped_tokens")
-    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
+    return randomized_ffn_moe(x, hidden_dim=D, intermediate_size=H, **kwargs)
 
 
 def test_class_capacities_by_hand():
@@ -103,7 +93,7 @@ def test_dropless_classes_match_the_reference_and_the_block_plan(skewed):
     for layer in (with_classes, blocks):
         out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
         np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
-        stats = counters(layer)
+        stats = routing_counters(layer)
         np.testing.assert_array_equal(stats["processed_tokens_per_expert"], ref["load"])
         assert stats["dropped_tokens"] == 0
 
@@ -195,7 +185,7 @@ def test_adaptive_capacity_runs_the_class_of_its_load_statistic(load_factor, cla
         x, reference.weights_of(layer), num_experts=E, top_k=K, ffn_type="swiglu", use_bias=False, cap=cap,
     )
     np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
-    stats = counters(layer)
+    stats = routing_counters(layer)
     np.testing.assert_array_equal(stats["processed_tokens_per_expert"], np.minimum(ref["load"], cap))
     np.testing.assert_array_equal(stats["routed_tokens_per_expert"], ref["load"])
 
@@ -242,7 +232,7 @@ def test_adaptive_capacity_follows_a_skewed_router_and_drops_less():
     for _ in range(6):
         layer(x, training=True)
     fixed(x, training=True)
-    load = counters(layer)["routed_tokens_per_expert"]
+    load = routing_counters(layer)["routed_tokens_per_expert"]
     measured = load.max() / load.mean()  # six identical calls: the same load each time
     np.testing.assert_allclose(
         float(ops.convert_to_numpy(layer.capacity_load_factor)), measured + (1.0 - measured) * 0.5**6, rtol=1e-5

@@ -11,24 +11,11 @@ from keras import ops
 import dl_moe
 from dl_moe import backend_fast_paths, dispatch
 from tests import reference
-from tests.layer_checks import BACKEND, trainable_gradients
+from tests.layer_checks import BACKEND, routing_counters, trainable_gradients
+from tests.layer_checks import randomized_ffn_moe as randomized_layer
 
 SLICES_SWITCH = "dl_moe.forward.token_choice.torch_eager_slices_enabled"
 CAPACITY_SLICES_SWITCH = "dl_moe.forward.token_choice.capacity_slices_pay_off"
-
-
-def randomized_layer(x, seed=1, **kwargs):
-    layer = dl_moe.create_ffn_moe(**kwargs)
-    layer.build(x.shape)
-    rng = np.random.default_rng(seed)
-    for v in layer.trainable_weights:
-        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
-    return layer
-
-
-def routing_counters(layer):
-    names = ("routed_tokens_per_expert", "processed_tokens_per_expert", "dropped_tokens")
-    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
 
 
 def run_both_paths(layer, x, monkeypatch, training=True, slices_pay_off=True):
@@ -98,16 +85,16 @@ def test_eager_dropless_buffers_sized_to_the_largest_load_drop_nothing(monkeypat
 
 
 def test_dropless_buffer_capacity_holds_the_largest_load():
-    from dl_moe.backend_fast_paths import dropless_buffer_capacity, expert_loads
+    from dl_moe.backend_fast_paths import dropless_buffer_capacity, concrete_expert_loads
 
     indices = np.array([[0, 1]] * 9 + [[2, 1]] * 4, dtype="int32")  # expert 1: 13 assignments
     active = np.ones_like(indices, dtype=bool)
-    np.testing.assert_array_equal(expert_loads(indices, active, 4), [9, 13, 4, 0])
-    assert dropless_buffer_capacity(expert_loads(indices, active, 4)) == 16
+    np.testing.assert_array_equal(concrete_expert_loads(indices, active, 4), [9, 13, 4, 0])
+    assert dropless_buffer_capacity(concrete_expert_loads(indices, active, 4)) == 16
     active[:, 1] = False  # now expert 0 is the largest with 9
-    assert dropless_buffer_capacity(expert_loads(indices, active, 4)) == 16
+    assert dropless_buffer_capacity(concrete_expert_loads(indices, active, 4)) == 16
     active[:4] = False  # expert 0 keeps 5, expert 2 has 4
-    assert dropless_buffer_capacity(expert_loads(indices, active, 4)) == 8
+    assert dropless_buffer_capacity(concrete_expert_loads(indices, active, 4)) == 8
 
 
 @pytest.mark.parametrize("ffn_type, top_k, capacity_factor", [("swiglu", 2, 0.5), ("geglu", 1, 0.5), ("mlp", 3, 0.75)])
@@ -143,14 +130,14 @@ def test_eager_slices_equal_portable_quantized_bank(monkeypatch):
 
 
 def test_capacity_slices_are_chosen_when_they_skip_more_padding_than_they_cost():
-    from dl_moe.backend_fast_paths import SLICE_OVERHEAD_ROWS, capacity_slices_pay_off, expert_loads
+    from dl_moe.backend_fast_paths import SLICE_OVERHEAD_ROWS, capacity_slices_pay_off, concrete_expert_loads
 
     def pays_off(loads, capacity, inactive=0):
         # `loads[e]` active assignments of expert e, plus `inactive` masked ones.
         experts = np.repeat(np.arange(len(loads)), loads)
         indices = np.concatenate([experts, np.zeros(inactive, int)]).astype("int32")[:, None]
         active = np.arange(len(indices))[:, None] < len(experts)
-        return capacity_slices_pay_off(expert_loads(indices, active, len(loads)), capacity)
+        return capacity_slices_pay_off(concrete_expert_loads(indices, active, len(loads)), capacity)
 
     overhead = SLICE_OVERHEAD_ROWS
     # Padding rows = E*C - sum(min(load, C)); slices need more than E * overhead.

@@ -10,29 +10,16 @@ import numpy as np
 import pytest
 from keras import ops
 
-import dl_moe
 from dl_moe import dispatch
 from tests import reference
-from tests.layer_checks import BACKEND
+from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
 
 RULE = "dl_moe.dispatch.gathered_dispatch_pays_off"
 D, H = 8, 12
 
 
-def randomized_layer(x, seed=1, quantize=False, **kwargs):
-    layer = dl_moe.create_ffn_moe(hidden_dim=D, intermediate_size=H, **kwargs)
-    layer.build(x.shape)
-    rng = np.random.default_rng(seed)
-    for v in layer.trainable_weights:
-        v.assign(rng.normal(scale=0.4, size=v.shape).astype("float32"))
-    if quantize:
-        layer.quantize("int8")
-    return layer
-
-
-def counters(layer):
-    names = ("routed_tokens_per_expert", "processed_tokens_per_expert", "seen_tokens", "dropped_tokens")
-    return {name: np.asarray(ops.convert_to_numpy(getattr(layer, name))) for name in names}
+def randomized_layer(x, **kwargs):
+    return randomized_ffn_moe(x, hidden_dim=D, intermediate_size=H, **kwargs)
 
 
 def compiled_inference(layer, x, mask=None):
@@ -66,7 +53,7 @@ def run_both_plans(layer, x, monkeypatch, mask=None, training=False):
         taken.clear()
         out = np.asarray(ops.convert_to_numpy(layer(x, training=training, mask=mask)))
         assert bool(taken) == gathered
-        results.append((out, counters(layer)))
+        results.append((out, routing_counters(layer)))
     return results
 
 
