@@ -37,7 +37,7 @@ def torch_eager_slices_enabled():
 SLICE_OVERHEAD_ROWS = 48
 
 
-def expert_loads(expert_index, active, num_experts):
+def concrete_expert_loads(expert_index, active, num_experts):
     """This batch's active assignments per expert, read back as a numpy `[E]` array.
 
     Eager only (one device-to-host read); the slice decisions below take its result.
@@ -65,7 +65,7 @@ def capacity_slices_pay_off(loads, capacity):
     full.
 
     Args:
-        loads: numpy `[E]` active assignments per expert (`expert_loads`).
+        loads: numpy `[E]` active assignments per expert (`concrete_expert_loads`).
         capacity: C, rows per expert buffer (a Python int).
     """
     num_experts = len(loads)

@@ -19,8 +19,8 @@ from dl_moe import overflow as overflow_lib
 from dl_moe import statistics
 from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
+    concrete_expert_loads,
     dropless_buffer_capacity,
-    expert_loads,
     torch_eager_slices_enabled,
 )
 from dl_moe.forward import common
@@ -144,7 +144,7 @@ def choose_capacity_class(layer, indices, active, training):
     if small_batch_plan(layer, indices, active, training) is not None:
         return None
     num_experts = config.num_experts
-    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    top_k = experts_per_token(layer, indices)
     capacities, factors = capacity_classes.class_capacities(num_tokens, top_k, num_experts, factors)
     loads = capacity_classes.expert_loads(indices, active, num_experts)
     if config.drop_tokens:
@@ -270,11 +270,7 @@ def choose_plan(layer, indices, active, training):
     config = layer.config
     num_experts = config.num_experts
     num_tokens = dispatch_lib.static_dim(indices, 0)
-    # Buffers are sized for the router's average experts per token: `expected_k` is
-    # top_k for fixed-k routers and smaller than the k_max slots of dynamic-k ones
-    # (their inactive slots take no capacity), so a router averaging 1.3 experts
-    # gets C = ceil(cf * T * 1.3 / E) rows per expert, not the k_max bound.
-    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    top_k = experts_per_token(layer, indices)
     # Expert-parallel buffers must stay [E, C, ...] to be sharded by expert.
     slices = torch_eager_slices_enabled() and not config.expert_parallel
     if not config.drop_tokens:
@@ -282,7 +278,7 @@ def choose_plan(layer, indices, active, training):
             # Eager: buffers as large as this batch's largest load drop nothing;
             # slices skip their padding, which pays off unless experts are many
             # and evenly loaded.
-            loads = expert_loads(indices, active, num_experts)
+            loads = concrete_expert_loads(indices, active, num_experts)
             capacity = dropless_buffer_capacity(loads)
             if capacity_slices_pay_off(loads, capacity):
                 return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts)
@@ -294,7 +290,7 @@ def choose_plan(layer, indices, active, training):
         return dispatch_lib.plan_dropless_dispatch(indices, active, num_experts, block), None
     capacity = capacity_rows(layer, indices, training)
     if isinstance(capacity, int) and slices:
-        if capacity_slices_pay_off(expert_loads(indices, active, num_experts), capacity):
+        if capacity_slices_pay_off(concrete_expert_loads(indices, active, num_experts), capacity):
             return dispatch_lib.plan_ragged_dispatch(indices, active, num_experts, capacity)
     return dispatch_lib.plan_capacity_dispatch(indices, active, num_experts, capacity), None
 
@@ -319,13 +315,24 @@ def small_batch_plan(layer, indices, active, training):
     return dispatch_lib.plan_gathered_dispatch(indices, active, num_experts, capacity)
 
 
+def experts_per_token(layer, indices):
+    """The k that buffers are sized for, given `[T, k_max]` assignments.
+
+    The router's average experts per token: `expected_k` is top_k for fixed-k routers
+    and smaller than the k_max slots of dynamic-k ones (their inactive slots take no
+    capacity), so a router averaging 1.3 experts gets C = ceil(cf * T * 1.3 / E) rows
+    per expert, not the k_max bound.
+    """
+    slots = indices.shape[-1]
+    return min(getattr(layer.gating_network, "expected_k", slots), slots)
+
+
 def capacity_rows(layer, indices, training):
     """C rows per expert for `[T, k]` assignments in capacity mode: a Python int, or a
     scalar tensor when T is only known at run time."""
     num_experts = layer.config.num_experts
     num_tokens = dispatch_lib.static_dim(indices, 0)
-    # See `choose_plan` on `expected_k`.
-    top_k = min(getattr(layer.gating_network, "expected_k", indices.shape[-1]), indices.shape[-1])
+    top_k = experts_per_token(layer, indices)
     capacity_factor = layer.config.capacity_factor(bool(training))
     if export_compat.is_symbolic_dim(num_tokens):
         return dispatch_lib.symbolic_expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
