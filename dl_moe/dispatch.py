@@ -394,15 +394,15 @@ def dispatch(tokens, plan):
     """
     group_shape = (static_dim(plan.row_token, 0), static_dim(plan.row_token, 1))
     feature_shape = tuple(tokens.shape[1:])
-    flat_slots = ops.reshape(plan.row_token, (-1,))
 
-    def gather(values):
+    def gather(values, row_token):
+        flat_slots = ops.reshape(row_token, (-1,))
         return ops.reshape(ops.take(_append_zero_row(values), flat_slots, axis=0), group_shape + feature_shape)
 
     if plan.row_assignment is None or any(is_symbolic_dim(size) for size in group_shape):
         # Symbolic shapes (jax.export): the gather gradient's closure would hold arrays
         # of symbolic size as constants, which export cannot size; plain autodiff then.
-        return gather(tokens)
+        return gather(tokens, plan.row_token)
 
     # The index tensors are inputs of the custom-gradient function rather than values
     # its gradient closes over: inside a `keras.ops.switch` branch (capacity classes)
@@ -414,8 +414,7 @@ def dispatch(tokens, plan):
             per_assignment = ops.take(_append_zero_row(rows), assignment_row, axis=0)  # [T, k, ...]
             return ops.sum(per_assignment, axis=1), None, None
 
-        flat = ops.reshape(row_token, (-1,))
-        return ops.reshape(ops.take(_append_zero_row(values), flat, axis=0), group_shape + feature_shape), grad
+        return gather(values, row_token), grad
 
     return gather_with_gather_gradient(tokens, plan.row_token, plan.assignment_row)
 
@@ -436,9 +435,9 @@ def combine(expert_outputs, plan, weights):
     feature_shape = tuple(expert_outputs.shape[2:])
     rank = len(feature_shape)
 
-    def gather_assignments(outputs):
+    def gather_assignments(outputs, assignment_row):
         rows = _append_zero_row(ops.reshape(outputs, (-1,) + feature_shape))  # [G*R + 1, ...]
-        return ops.take(rows, plan.assignment_row, axis=0)  # [T, k, ...]
+        return ops.take(rows, assignment_row, axis=0)  # [T, k, ...]
 
     def weighted_sum(gathered, w):
         # A contraction over k: no [T, k, ...] product is materialised.
@@ -447,13 +446,12 @@ def combine(expert_outputs, plan, weights):
         return ops.reshape(summed, ops.shape(gathered)[:1] + ops.shape(gathered)[2:])
 
     if plan.row_assignment is None or is_symbolic_dim(weights.shape[0]):
-        return weighted_sum(gather_assignments(expert_outputs), weights)
+        return weighted_sum(gather_assignments(expert_outputs, plan.assignment_row), weights)
 
     # Index tensors as inputs, not closed over: see `dispatch`.
     @ops.custom_gradient
     def combine_with_gather_gradient(outputs, w, assignment_row, row_token, row_assignment):
-        rows = _append_zero_row(ops.reshape(outputs, (-1,) + feature_shape))  # [G*R + 1, ...]
-        gathered = ops.take(rows, assignment_row, axis=0)  # [T, k, ...]
+        gathered = gather_assignments(outputs, assignment_row)  # [T, k, ...]
 
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)  # [T, ...]
