@@ -17,13 +17,16 @@ from tests.layer_checks import randomized_ffn_moe as randomized_layer
 SLICES_SWITCH = "dl_moe.forward.token_choice.torch_eager_slices_enabled"
 CAPACITY_SLICES_SWITCH = "dl_moe.forward.token_choice.capacity_slices_pay_off"
 
+# The slices are taken in eager PyTorch only. Forcing them on TensorFlow as well checks
+# the same code on a second backend; on JAX, where their gradients cannot be taken
+# (autodiff traces the layer), eager op-by-op dispatch made these the suite's slowest.
+not_on_jax = pytest.mark.skipif(
+    BACKEND == "jax", reason="the slice fast path runs in eager PyTorch only; checked on torch and TensorFlow"
+)
+
 
 def run_both_paths(layer, x, monkeypatch, training=True, slices_pay_off=True):
-    """Outputs, gradients and counters of the portable path, then of the slice path.
-
-    Gradients of the slice path are skipped on JAX, where gradients trace the layer
-    and the slices (which need concrete row counts) are never taken.
-    """
+    """Outputs, gradients and counters of the portable path, then of the slice path."""
     results = []
     # Small test layers would keep [E, C] buffers on torch (too little padding to skip).
     monkeypatch.setattr(CAPACITY_SLICES_SWITCH, lambda *args: slices_pay_off)
@@ -37,7 +40,7 @@ def run_both_paths(layer, x, monkeypatch, training=True, slices_pay_off=True):
         out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
         assert bool(slice_plans) == (slices and slices_pay_off)  # the path under test was taken
         counters = routing_counters(layer)
-        grads = None if (slices and BACKEND == "jax") else trainable_gradients(layer, x, training=training)
+        grads = trainable_gradients(layer, x, training=training)
         results.append((out, grads, counters))
     return results
 
@@ -47,15 +50,15 @@ def assert_same_results(portable, fast):
     np.testing.assert_allclose(fast_out, portable_out, rtol=1e-5, atol=1e-6)
     for key, value in portable_counters.items():
         np.testing.assert_array_equal(fast_counters[key], value, err_msg=key)
-    if fast_grads is not None:
-        # The two paths sum the same float32 terms in a different order, so gradients
-        # agree to a few ulps of the layer's largest gradient (grads reach ~10 here;
-        # some, like an attention key bias, are exactly 0 in theory and pure rounding).
-        scale = max(1.0, max(float(np.max(np.abs(grad))) for grad in portable_grads.values()))
-        for name, grad in portable_grads.items():
-            np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+    # The two paths sum the same float32 terms in a different order, so gradients
+    # agree to a few ulps of the layer's largest gradient (grads reach ~10 here;
+    # some, like an attention key bias, are exactly 0 in theory and pure rounding).
+    scale = max(1.0, max(float(np.max(np.abs(grad))) for grad in portable_grads.values()))
+    for name, grad in portable_grads.items():
+        np.testing.assert_allclose(fast_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
 
 
+@not_on_jax
 @pytest.mark.parametrize("ffn_type, top_k", [("swiglu", 2), ("mlp", 3)])
 def test_eager_slices_equal_portable_dropless_blocks(ffn_type, top_k, monkeypatch):
     x = np.random.default_rng(0).normal(size=(3, 11, 8)).astype("float32")
@@ -68,8 +71,7 @@ def test_eager_slices_equal_portable_dropless_blocks(ffn_type, top_k, monkeypatc
         x.reshape(-1, 8), reference.weights_of(layer), num_experts=6, top_k=top_k, ffn_type=ffn_type
     )
     np.testing.assert_allclose(portable[0].reshape(-1, 8), ref["out"], atol=1e-5)
-
-
+@not_on_jax
 def test_eager_dropless_buffers_sized_to_the_largest_load_drop_nothing(monkeypatch):
     # When slices do not pay off, eager dropless runs [E, C] buffers with C the
     # batch's largest load (rounded up to 8): same result as the portable blocks.
@@ -97,6 +99,7 @@ def test_dropless_buffer_capacity_holds_the_largest_load():
     assert dropless_buffer_capacity(concrete_expert_loads(indices, active, 4)) == 8
 
 
+@not_on_jax
 @pytest.mark.parametrize("ffn_type, top_k, capacity_factor", [("swiglu", 2, 0.5), ("geglu", 1, 0.5), ("mlp", 3, 0.75)])
 def test_eager_slices_equal_portable_capacity_buffers(ffn_type, top_k, capacity_factor, monkeypatch):
     # 40 tokens over 4 experts with C = 8 rows: experts overflow, so the slice path must
@@ -119,8 +122,7 @@ def test_eager_slices_equal_portable_capacity_buffers(ffn_type, top_k, capacity_
     cap = reference.capacity(40, top_k, 4, capacity_factor)
     ref = reference.token_choice_moe(x.reshape(-1, 8), w, num_experts=4, top_k=top_k, ffn_type=ffn_type, cap=cap)
     np.testing.assert_allclose(fast[0].reshape(-1, 8), ref["out"], atol=1e-5)
-
-
+@not_on_jax
 def test_eager_slices_equal_portable_quantized_bank(monkeypatch):
     x = np.random.default_rng(4).normal(size=(2, 9, 8)).astype("float32")
     layer = randomized_layer(x, num_experts=4, hidden_dim=8, top_k=2, intermediate_size=12, ffn_type="swiglu")
@@ -153,6 +155,7 @@ def test_slice_path_is_used_exactly_on_eager_torch():
     assert backend_fast_paths.torch_eager_slices_enabled() == (BACKEND == "torch")
 
 
+@not_on_jax
 @pytest.mark.parametrize("drop_tokens", [False, True])
 def test_slice_path_with_masked_tokens_and_idle_experts(drop_tokens, monkeypatch):
     monkeypatch.setattr(SLICES_SWITCH, lambda: True)
@@ -167,8 +170,7 @@ def test_slice_path_with_masked_tokens_and_idle_experts(drop_tokens, monkeypatch
     assert slice_plans == [1]  # the slice path ran
     ref = reference.token_choice_moe(x[0], reference.weights_of(layer), num_experts=8, top_k=1, mask=mask[0])
     np.testing.assert_allclose(out[0], ref["out"], atol=1e-5)
-
-
+@not_on_jax
 def test_slice_path_runs_other_banks_once_per_expert(monkeypatch):
     # A bank without `supports_slice_counts` (here attention experts, which also need
     # the row tokens) gets one call per expert with rows.
