@@ -107,8 +107,8 @@ MUTANTS = [
     Mutant(
         "layer_combines_with_other_weights",
         "the layer combines with the routing weights of the other slots (router unchanged)",
-        "dispatch_lib.combine(expert_outputs, plan, combine_weights)",
-        "dispatch_lib.combine(expert_outputs, plan, ops.flip(combine_weights, axis=-1))",
+        "return dispatch_lib.combine(expert_outputs, plan, weights)",
+        "return dispatch_lib.combine(expert_outputs, plan, ops.flip(weights, axis=-1))",
         ("tests/test_properties.py::-k layer_invariants",),
     ),
     Mutant(

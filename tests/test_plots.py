@@ -68,3 +68,13 @@ def test_monitor_records_one_entry_per_epoch_and_saves_plots(tmp_path):
     paths = monitor.save_plots(str(tmp_path / "plots"))
     assert paths["heatmap"].endswith("routing_heatmap.png") and _is_png(paths["heatmap"])
     assert paths["load_balance"].endswith("load_balance.png") and _is_png(paths["load_balance"])
+
+
+def test_capacity_trace_plot(tmp_path):
+    runs = {
+        "cf=1.0": [{"epoch": 1, "dropped": 0.2, "capacity_factor": 1.0}, {"epoch": 2, "dropped": 0.1, "capacity_factor": 1.0}],
+        "dropless": [{"epoch": 1, "dropped": 0.0, "capacity_factor": None}],
+    }
+    assert _is_png(plots.plot_capacity_trace(runs, str(tmp_path / "capacity.png")))
+    with pytest.raises(ValueError, match="No capacity trace"):
+        plots.plot_capacity_trace({"cf=1.0": []}, str(tmp_path / "empty.png"))

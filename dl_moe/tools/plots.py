@@ -11,6 +11,8 @@
   (`dl_moe.analysis.specialization_report`), written by `dl-moe demo`.
 * `plot_live_experts(runs, path)`: live experts over training steps of
   `ExpertLifecycle` runs (`dl_moe.lifecycle`, `benchmarks/lifecycle_digits.py`).
+* `plot_capacity_trace(runs, path)`: dropped share and training capacity factor per
+  epoch (`benchmarks/adaptive_capacity.py`).
 
 Each function takes plain numbers (dicts of lists / numpy arrays), saves a PNG and
 returns its path.
@@ -254,4 +256,34 @@ def plot_live_experts(runs, path, max_experts=None):
     axis.set_ylabel("live experts")
     axis.set_title("Experts split / retired by ExpertLifecycle")
     axis.legend(fontsize="small")
+    return _save(fig, path, plt)
+
+
+def plot_capacity_trace(runs, path):
+    """Dropped share and training capacity factor per epoch, one line per run.
+
+    Args:
+        runs: `{run label: [{"epoch": e, "dropped": share of assignments dropped in
+            the epoch, "capacity_factor": training capacity factor (None when the
+            run has none: dropless)}]}`.
+        path: PNG file to write.
+    """
+    if not runs or not any(len(trace) for trace in runs.values()):
+        raise ValueError("No capacity trace to plot: give at least one run with one epoch.")
+    plt = _pyplot()
+    fig, (dropped_axis, factor_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for label, trace in runs.items():
+        epochs = [entry["epoch"] for entry in trace]
+        dropped_axis.plot(epochs, [entry["dropped"] for entry in trace], marker=".", label=label)
+        factors = [entry["capacity_factor"] for entry in trace]
+        if all(factor is not None for factor in factors):
+            factor_axis.step(epochs, factors, where="mid", label=label)
+    dropped_axis.set_xlabel("epoch")
+    dropped_axis.set_ylabel("assignments dropped")
+    dropped_axis.set_title("Dropped share per epoch")
+    dropped_axis.legend(fontsize="small")
+    factor_axis.set_xlabel("epoch")
+    factor_axis.set_ylabel("training capacity factor")
+    factor_axis.set_title("Capacity factor in use")
+    factor_axis.legend(fontsize="small")
     return _save(fig, path, plt)
