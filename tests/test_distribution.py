@@ -22,7 +22,7 @@ def test_expert_parallel_training_matches_single_device(tmp_path):
     env = dict(
         os.environ,
         KERAS_BACKEND="jax",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         PYTHONPATH=ROOT,
         TF_CPP_MIN_LOG_LEVEL="2",
     )

@@ -277,7 +277,7 @@ def test_expert_parallel_sparsified_model_trains_like_one_device(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
                PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2")
     completed = subprocess.run(
         [sys.executable, os.path.join(root, "tests", "keras_hub_expert_parallel.py"), str(tmp_path)],
