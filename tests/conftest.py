@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # compiles them unoptimised (the HLO passes, fusion included, still run). On the
 # 2-core machine this took the JAX session from 1644 s to 852 s and TensorFlow's from
 # 901 s to 493 s. Benchmarks do not import this file and keep XLA's defaults.
-# Subprocesses the tests start inherit the flags (`with_xla_flags` adds to them).
+# Subprocesses the tests start inherit them (the distribution tests add a device count).
 FAST_COMPILE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_XLA_FLAGS}".strip()
 
