@@ -1,5 +1,6 @@
 import os
 
+import keras
 import numpy as np
 import pytest
 
@@ -146,18 +147,20 @@ def test_bench_inference_times_each_token_count_and_plan(capsys, monkeypatch, tm
     argv = ["bench", "--inference", "--tokens", "1,64", "--repeats", "1", "--compare-plans", "--output", str(out_file)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| 1 | cf=1 | gathered |" in printed and "| 64 | dropless | dropless |" in printed
+    # T=1 (2 assignments): eager PyTorch plans on the host, XLA takes the gathered plan.
+    small_batch = "host slices" if keras.backend.backend() == "torch" else "gathered"
+    assert f"| 1 | cf=1 | {small_batch} |" in printed and "| 64 | dropless | dropless |" in printed
     import json
 
     rows = json.loads(out_file.read_text())["inference"]
     assert [(r["T"], r["mode"], r["plan"]) for r in rows] == [
-        (1, "cf=1", "gathered"), (1, "dropless", "gathered"), (64, "cf=1", "capacity"), (64, "dropless", "dropless")
+        (1, "cf=1", small_batch), (1, "dropless", small_batch), (64, "cf=1", "capacity"), (64, "dropless", "dropless")
     ]
     for r in rows:
         assert r["vs_dense"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
         assert r["vs_all_experts"] == pytest.approx(r["all_experts_ms"] / r["moe_ms"])
-        # The buffered plan is timed only where the gathered plan replaces it.
-        assert ("gathered_speedup" in r) == (r["plan"] == "gathered")
+        # The buffered plan is timed only where a small-batch plan replaces it.
+        assert ("small_batch_speedup" in r) == (r["plan"] == small_batch)
 
 
 def test_bench_inference_rejects_bad_token_counts():

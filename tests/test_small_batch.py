@@ -1,21 +1,34 @@
-"""The gathered small-batch plan (decode-sized inference batches) equals the buffered plans.
+"""The small-batch plans (decode-sized inference batches) equal the buffered plans.
 
-Every case runs the same layer twice in inference, with the gathered plan forced off
-(capacity or dropless buffers) and on, and compares outputs and routing counters;
-the linear-router cases are also checked against the numpy reference, and the
-gathered plan compiled (XLA on JAX and TensorFlow) against eager.
+Two plans: the gathered plan (`dispatch.plan_gathered_dispatch`, every backend) and,
+in eager PyTorch, host-planned slices (`backend_fast_paths.run_host_planned_slices`).
+Every case runs the same layer twice in inference, with the small-batch plans forced
+off (capacity or dropless buffers) and one of them on, and compares outputs and
+routing counters; the linear-router cases are also checked against the numpy
+reference, and compiled (XLA on JAX and TensorFlow) against eager.
 """
 
 import numpy as np
 import pytest
 from keras import ops
 
-from dl_moe import dispatch
+from dl_moe import backend_fast_paths, dispatch
 from tests import reference
 from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
 
 RULE = "dl_moe.dispatch.gathered_dispatch_pays_off"
+HOST_LIMIT = "dl_moe.backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS"
 D, H = 8, 12
+
+# The small-batch plan a test checks, with the function that builds it (spied on).
+SMALL_BATCH_PLANS = [
+    pytest.param("gathered", id="gathered"),
+    pytest.param(
+        "host", id="host_slices",
+        marks=pytest.mark.skipif(BACKEND != "torch", reason="host-planned slices run in eager PyTorch only"),
+    ),
+]
+PLAN_BUILDERS = {"gathered": (dispatch, "plan_gathered_dispatch"), "host": (backend_fast_paths, "plan_slices_on_host")}
 
 
 def randomized_layer(x, **kwargs):
@@ -40,19 +53,26 @@ def compiled_inference(layer, x, mask=None):
     return np.asarray(ops.convert_to_numpy(layer(x, training=False, mask=mask)))
 
 
-def run_both_plans(layer, x, monkeypatch, mask=None, training=False):
-    """`[(output, counters)]` of the buffered plan, then of the gathered plan; checks
-    which plan each call took."""
+def use_plans(monkeypatch, small_batch):
+    """Switches the small-batch plans: None (buffers only), "gathered" or "host"."""
+    monkeypatch.setattr(RULE, lambda *args: small_batch == "gathered")
+    monkeypatch.setattr(HOST_LIMIT, 10**6 if small_batch == "host" else 0)
+
+
+def run_both_plans(layer, x, monkeypatch, mask=None, training=False, small_batch="gathered"):
+    """`[(output, counters)]` of the buffered plan, then of the `small_batch` plan
+    ("gathered" or "host"); checks which plan each call took."""
     taken = []
-    plan = dispatch.plan_gathered_dispatch
-    monkeypatch.setattr(dispatch, "plan_gathered_dispatch", lambda *a, **k: taken.append(1) or plan(*a, **k))
+    module, name = PLAN_BUILDERS[small_batch]
+    build = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: taken.append(1) or build(*a, **k))
     results = []
-    for gathered in (False, True):
-        monkeypatch.setattr(RULE, lambda *args, gathered=gathered: gathered)
+    for plan in (None, small_batch):
+        use_plans(monkeypatch, plan)
         layer.reset_routing_stats()
         taken.clear()
         out = np.asarray(ops.convert_to_numpy(layer(x, training=training, mask=mask)))
-        assert bool(taken) == gathered
+        assert bool(taken) == (plan is not None)
         results.append((out, routing_counters(layer)))
     return results
 
@@ -77,8 +97,9 @@ LINEAR_CASES = {
 }
 
 
+@pytest.mark.parametrize("small_batch", SMALL_BATCH_PLANS)
 @pytest.mark.parametrize("case, masked", [("capacity", False), ("capacity_drops", True), ("dropless", True)])
-def test_gathered_plan_equals_buffered_plan_and_reference(case, masked, monkeypatch):
+def test_small_batch_plan_equals_buffered_plan_and_reference(case, masked, small_batch, monkeypatch):
     kwargs, shape = LINEAR_CASES[case]
     x = inputs(shape)
     mask = None
@@ -86,7 +107,7 @@ def test_gathered_plan_equals_buffered_plan_and_reference(case, masked, monkeypa
         mask = np.random.default_rng(5).random(shape[:-1]) < 0.7
         mask[0, 0] = False
     layer = randomized_layer(x, **kwargs)
-    buffered, gathered = run_both_plans(layer, x, monkeypatch, mask=mask)
+    buffered, gathered = run_both_plans(layer, x, monkeypatch, mask=mask, small_batch=small_batch)
     assert_same(buffered, gathered)
     if case == "capacity_drops":
         stats = gathered[1]
@@ -106,8 +127,9 @@ def test_gathered_plan_equals_buffered_plan_and_reference(case, masked, monkeypa
     np.testing.assert_allclose(compiled_inference(layer, x, mask), gathered[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("small_batch", SMALL_BATCH_PLANS)
 @pytest.mark.parametrize("drop_tokens", [True, False])
-def test_gathered_plan_with_a_dynamic_k_router(drop_tokens, monkeypatch):
+def test_small_batch_plan_with_a_dynamic_k_router(drop_tokens, small_batch, monkeypatch):
     # top_p leaves unused slots inactive (weight 0): they must add nothing.
     x = inputs((2, 6, D), seed=2)
     layer = randomized_layer(
@@ -116,7 +138,7 @@ def test_gathered_plan_with_a_dynamic_k_router(drop_tokens, monkeypatch):
     )
     active = dl_moe_active(layer, x)
     assert not active.all()  # some slots unused, so the test covers them
-    buffered, gathered = run_both_plans(layer, x, monkeypatch)
+    buffered, gathered = run_both_plans(layer, x, monkeypatch, small_batch=small_batch)
     assert_same(buffered, gathered)
     np.testing.assert_allclose(compiled_inference(layer, x), gathered[0], rtol=1e-5, atol=1e-5)
 
@@ -125,14 +147,15 @@ def dl_moe_active(layer, x):
     return np.asarray(layer.route(x)["active"])
 
 
+@pytest.mark.parametrize("small_batch", SMALL_BATCH_PLANS)
 @pytest.mark.parametrize("drop_tokens", [True, False])
-def test_gathered_plan_with_a_quantized_bank(drop_tokens, monkeypatch):
+def test_small_batch_plan_with_a_quantized_bank(drop_tokens, small_batch, monkeypatch):
     x = inputs((2, 5, D), seed=3)
     layer = randomized_layer(
         x, quantize=True, num_experts=4, top_k=2, ffn_type="swiglu", use_expert_scale=True, drop_tokens=drop_tokens,
     )
     assert layer.experts.quantization_mode == "int8"
-    buffered, gathered = run_both_plans(layer, x, monkeypatch)
+    buffered, gathered = run_both_plans(layer, x, monkeypatch, small_batch=small_batch)
     assert_same(buffered, gathered)
     np.testing.assert_allclose(compiled_inference(layer, x), gathered[0], rtol=1e-5, atol=1e-5)
 
@@ -149,6 +172,7 @@ def test_gathered_plan_rule():
 
 
 def test_gathered_plan_is_taken_in_inference_only(monkeypatch):
+    monkeypatch.setattr(HOST_LIMIT, 0)  # eager PyTorch would plan these batches on the host
     taken = []
     plan = dispatch.plan_gathered_dispatch
     monkeypatch.setattr(dispatch, "plan_gathered_dispatch", lambda *a, **k: taken.append(1) or plan(*a, **k))
@@ -179,3 +203,76 @@ def test_plan_gathered_dispatch_layout():
     plan = dispatch.plan_gathered_dispatch(expert_index, active, 3, capacity=1)
     np.testing.assert_array_equal(numpy(plan.assignment_row), [[0, 6], [6, 4], [2, 6]])
     np.testing.assert_array_equal(numpy(plan.processed_per_expert), [1, 1, 1])
+
+
+def test_plan_slices_on_host_layout():
+    # The example of test_plan_gathered_dispatch_layout, as per-expert slices.
+    expert_index = np.array([[0, 1], [0, 2], [1, 0]], dtype="int32")
+    active = np.array([[True, True], [True, True], [True, False]])
+    plan = backend_fast_paths.plan_slices_on_host(expert_index, active, 3)
+    # Expert 0 computes (t0,c0), (t1,c0); expert 1 (t2,c0), (t0,c1); expert 2 (t1,c1).
+    np.testing.assert_array_equal(plan.row_token, [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(plan.row_choice, [0, 0, 0, 1, 1])
+    assert plan.counts == [2, 2, 1]
+    np.testing.assert_array_equal(plan.routed_per_expert, [2, 2, 1])
+    np.testing.assert_array_equal(plan.kept, active)
+    # Capacity 1 keeps what the gathered and buffered plans keep: (t0,c0), (t2,c0), (t1,c1).
+    plan = backend_fast_paths.plan_slices_on_host(expert_index, active, 3, capacity=1)
+    np.testing.assert_array_equal(plan.row_token, [0, 2, 1])
+    np.testing.assert_array_equal(plan.row_choice, [0, 0, 1])
+    assert plan.counts == [1, 1, 1]
+    np.testing.assert_array_equal(plan.routed_per_expert, [2, 2, 1])
+    np.testing.assert_array_equal(plan.kept, [[True, False], [False, True], [True, False]])
+
+
+eager_torch_only = pytest.mark.skipif(BACKEND != "torch", reason="host-planned slices run in eager PyTorch only")
+
+
+@eager_torch_only
+def test_host_planned_slices_are_taken_in_eager_inference_up_to_the_limit(monkeypatch):
+    taken = []
+    build = backend_fast_paths.plan_slices_on_host
+    monkeypatch.setattr(backend_fast_paths, "plan_slices_on_host", lambda *a, **k: taken.append(1) or build(*a, **k))
+    limit = backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS
+    x = inputs((1, limit // 2, D))
+    layer = randomized_layer(x, num_experts=8, top_k=2)
+    layer(x, training=False)
+    assert taken  # T*k = limit
+    taken.clear()
+    layer(x, training=True)
+    assert not taken
+    layer(inputs((1, limit // 2 + 1, D)), training=False)  # T*k = limit + 2
+    assert not taken
+
+
+@eager_torch_only
+def test_host_planned_slices_in_mixed_precision(monkeypatch):
+    # A bfloat16 compute dtype over float32 weights: the bank is called through
+    # Layer.__call__, which autocasts its weights.
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = inputs((2, 4, D), seed=4)
+    layer = randomized_layer(x, num_experts=4, top_k=2, ffn_type="swiglu", eval_capacity_factor=0.5)
+    buffered, host = run_both_plans(layer, x, monkeypatch, small_batch="host")
+    assert host[0].dtype == buffered[0].dtype
+    np.testing.assert_allclose(host[0].astype("float32"), buffered[0].astype("float32"), rtol=2e-2, atol=2e-2)
+    for key, value in buffered[1].items():
+        np.testing.assert_array_equal(host[1][key], value, err_msg=key)
+
+
+@eager_torch_only
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_host_planned_slices_gradients_equal_the_buffered_plan(drop_tokens, monkeypatch):
+    # An inference-mode call still differentiates (e.g. saliency maps): the host plan's
+    # gathers and index_add give the buffered plan's gradients.
+    from tests.autodiff import gradients
+
+    x = inputs((2, 3, D), seed=6)
+    layer = randomized_layer(x, num_experts=4, top_k=2, ffn_type="swiglu", drop_tokens=drop_tokens)
+    per_plan = []
+    for plan in (None, "host"):
+        use_plans(monkeypatch, plan)
+        per_plan.append(gradients(lambda t: ops.sum(layer(t, training=False) ** 2), x, variables=layer.trainable_variables))
+    for buffered, host in zip(*per_plan):
+        np.testing.assert_allclose(host, buffered, rtol=1e-5, atol=1e-5)

@@ -268,12 +268,14 @@ class FFNExpertBank(ExpertBank):
                 )
 
         def project_with(expert):
+            # `@` on the backend tensors, not ops.matmul: in eager PyTorch, ops.matmul's
+            # dtype handling costs as much as a decode-sized product.
             def project(x, name):
                 kernel = per_expert[name][expert]  # [a, b]
                 if quantized:
-                    y = ops.matmul(x, ops.cast(kernel, x.dtype)) / ops.cast(per_expert[name + "_scale"][expert], x.dtype)
+                    y = (x @ ops.cast(kernel, x.dtype)) / ops.cast(per_expert[name + "_scale"][expert], x.dtype)
                 else:
-                    y = ops.matmul(x, kernel)
+                    y = x @ kernel
                 if self.use_bias:
                     y = y + per_expert[name + "_bias"][expert]
                 return y

@@ -21,6 +21,8 @@ from dl_moe.backend_fast_paths import (
     capacity_slices_pay_off,
     concrete_expert_loads,
     dropless_buffer_capacity,
+    host_planned_slices_apply,
+    run_host_planned_slices,
     torch_eager_slices_enabled,
 )
 from dl_moe.forward import common
@@ -63,15 +65,17 @@ def forward(layer, inputs, training, mask, router_inputs=None):
     if layer.config.scale_expert_inputs:
         dispatched, combine_weights = weight_expert_inputs(tokens, dispatch_weights, active)
     classes = choose_capacity_class(layer, dispatch_indices, active, training)
-    if classes is None:
-        plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
-        outputs = dispatch_compute_combine(layer, dispatched, combine_weights, plan, inputs, mask, training, slice_counts)
-    else:
+    if classes is not None:
         outputs, plan = run_capacity_class(
             layer, classes, dispatched, combine_weights, dispatch_indices, active, inputs, mask, training
         )
         if layer.config.adaptive_capacity and training:
             statistics.update_capacity_load_factor(layer, classes.loads)
+    elif host_planned_slices_apply(layer, dispatch_indices.shape[0], dispatch_indices.shape[1], training):
+        outputs, plan = run_host_plan(layer, dispatched, combine_weights, dispatch_indices, active, training)
+    else:
+        plan, slice_counts = choose_plan(layer, dispatch_indices, active, training)
+        outputs = dispatch_compute_combine(layer, dispatched, combine_weights, plan, inputs, mask, training, slice_counts)
     fully_dropped = ops.any(routed_active, axis=-1) & ~ops.any(plan.kept & active, axis=-1)  # [T]
 
     if reroute is not None:
@@ -110,7 +114,8 @@ class ClassChoice(NamedTuple):
 
 
 class SwitchedPlan(NamedTuple):
-    """What the statistics need of the plan a capacity class ran (`DispatchPlan`'s names)."""
+    """What the statistics need of a plan that is not a `DispatchPlan` (`DispatchPlan`'s
+    names): the plan a capacity class ran, or host-planned slices."""
 
     routed_per_expert: object
     processed_per_expert: object
@@ -188,6 +193,18 @@ def run_capacity_class(layer, classes, tokens, weights, indices, active, inputs,
         classes.index, branches, (tokens, weights, indices, active), rematerialize=bool(training)
     )
     return outputs, SwitchedPlan(classes.loads, processed, kept > 0)
+
+
+def run_host_plan(layer, tokens, weights, indices, active, training):
+    """Eager PyTorch inference at decode sizes (`backend_fast_paths.run_host_planned_slices`).
+
+    Returns:
+        `(outputs [T, o], SwitchedPlan)`; the same assignments are kept as by the
+        capacity plan (dropless: all).
+    """
+    capacity = capacity_rows(layer, indices, training) if layer.config.drop_tokens else None
+    outputs, routed, processed, kept = run_host_planned_slices(layer, tokens, weights, indices, active, capacity, training)
+    return outputs, SwitchedPlan(routed, processed, kept)
 
 
 def routing_decision(layer, inputs, training, mask):

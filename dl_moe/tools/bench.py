@@ -16,9 +16,10 @@ Results are ratios measured in one process, so machine noise mostly cancels.
 JAX and TensorFlow, eager under `torch.no_grad()` on PyTorch) at decode- to
 prefill-sized token counts (`--tokens`, default 1, 8, 64, 256, 4096), capacity mode
 and dropless, against the same two anchors; `--compare-plans` also times the layer
-with the small-batch gathered plan (`dispatch.plan_gathered_dispatch`) switched off.
-`--compare-plans` also times the dropless cases (training, and inference where
-the gathered plan does not apply) with `dropless_classes=True`, the same weights.
+with its small-batch plans (`small_batch_plan`: the gathered plan, and in eager
+PyTorch host-planned slices) switched off. `--compare-plans` also times the dropless
+cases (training, and inference where no small-batch plan applies) with
+`dropless_classes=True`, the same weights.
 """
 
 import dataclasses
@@ -274,21 +275,38 @@ def make_inference_step(layer, x):
     return step
 
 
-def without_gathered_plan(step):
-    """`step` with the small-batch gathered plan switched off (the buffered plans only).
+def small_batch_plan(case):
+    """The small-batch plan the case's layer takes in inference, or None (buffered plans).
 
-    The switch is on during every call, so it holds when a compiled step traces (its
-    first call) and in every eager call.
+    "host slices" (eager PyTorch, `backend_fast_paths.run_host_planned_slices`) or
+    "gathered" (`dispatch.plan_gathered_dispatch`).
     """
-    from dl_moe import dispatch
+    from dl_moe import backend_fast_paths, dispatch
+
+    assignments = case.tokens * case.top_k
+    if backend_fast_paths.torch_eager_slices_enabled() and assignments <= backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS:
+        return "host slices"
+    if dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts):
+        return "gathered"
+    return None
+
+
+def without_small_batch_plans(step):
+    """`step` with the small-batch plans (host slices, gathered) switched off.
+
+    The switches are off during every call, so they hold when a compiled step traces
+    (its first call) and in every eager call.
+    """
+    from dl_moe import backend_fast_paths, dispatch
 
     def run():
-        rule = dispatch.gathered_dispatch_pays_off
+        rule, limit = dispatch.gathered_dispatch_pays_off, backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS
         dispatch.gathered_dispatch_pays_off = lambda *args: False
+        backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS = 0
         try:
             return step()
         finally:
-            dispatch.gathered_dispatch_pays_off = rule
+            dispatch.gathered_dispatch_pays_off, backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS = rule, limit
 
     return run
 
@@ -297,29 +315,28 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     """Times the forward pass of the case's MoE layer and its two anchors in inference.
 
     Args:
-        compare_plans: Where the gathered small-batch plan applies, also time the
-            layer with it switched off (`moe_buffered_ms`, `gathered_speedup`).
+        compare_plans: Where a small-batch plan applies (`small_batch_plan`), also
+            time the layer with it switched off (`moe_buffered_ms`,
+            `small_batch_speedup`).
 
     Returns:
         A dict of medians (ms) and ratios: `vs_dense` (dense-equivalent time over
         MoE time; 1 is the limit) and `vs_all_experts` (all-experts time over MoE
         time), and `plan`, the dispatch plan the layer takes.
     """
-    from dl_moe import dispatch
-
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
     layers = build_layers(case)
     steps = {name: make_inference_step(layers[name], x) for name in ("moe", "dense", "all_experts")}
-    gathered = dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts)
-    if compare_plans and gathered:
-        steps["moe_buffered"] = without_gathered_plan(make_inference_step(layers["moe"], x))
-    if compare_plans and not case.drop_tokens and not gathered:
+    small_batch = small_batch_plan(case)
+    if compare_plans and small_batch:
+        steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
+    if compare_plans and not case.drop_tokens and not small_batch:
         steps["moe_classes"] = make_inference_step(with_dropless_classes(case, layers["moe"], x), x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
-        "plan": "gathered" if gathered else ("capacity" if case.drop_tokens else "dropless"),
+        "plan": small_batch or ("capacity" if case.drop_tokens else "dropless"),
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "all_experts_ms": medians["all_experts"] * 1e3,
@@ -328,7 +345,7 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     }
     if "moe_buffered" in medians:
         result["moe_buffered_ms"] = medians["moe_buffered"] * 1e3
-        result["gathered_speedup"] = medians["moe_buffered"] / medians["moe"]
+        result["small_batch_speedup"] = medians["moe_buffered"] / medians["moe"]
     result.update(classes_fields(medians))
     return result
 
