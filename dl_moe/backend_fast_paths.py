@@ -141,10 +141,11 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
 # rows are then gathered, run as per-expert slices (views of each chosen expert's
 # weights, no copies) and combined with a handful of direct torch calls.
 
-# Most assignments T*k a call plans on the host. Measured (`dl-moe bench --inference
-# --compare-plans`, E=8, k=2, d=256, h=512): 2.3x faster than the buffered plans at
-# T=1, 1.1-1.3x at T=2-16, 0.95x at T=32; beyond 16 tokens nearly every expert has
-# rows, and one batched matmul over [E, C] buffers beats E per-expert products.
+# Most assignments T*k a call plans on the host. Measured against the buffered plans
+# (`dl-moe bench --inference --compare-plans`, E=8, k=2, d=256, h=512, two runs):
+# 1.6-2.2x faster at T <= 2, 1.6x at T=4, 1.1-1.2x at T=8, 0.9-1.2x at T=16, and
+# slower at T=32 (0.95x). By then nearly every expert has rows, and one batched
+# matmul over [E, C] buffers beats E per-expert products.
 MAX_HOST_PLANNED_ASSIGNMENTS = 32
 
 
