@@ -239,7 +239,7 @@ def run_host_planned_slices(layer, tokens, weights, expert_index, active, capaci
         outputs = rows.new_zeros((tokens.shape[0], rows.shape[-1])).index_add(0, row_token, rows * row_weight[:, None])
     else:
         out_dim = layer.experts.compute_output_shape((1, 1) + tuple(tokens.shape[1:]))[-1]
-        outputs = tokens.new_zeros((tokens.shape[0], out_dim), dtype=layer.experts.compute_dtype)
+        outputs = ops.zeros((tokens.shape[0], out_dim), dtype=layer.experts.compute_dtype)
     as_tensor = lambda array, dtype: torch.as_tensor(array, dtype=dtype, device=device)  # noqa: E731
     return (
         outputs,

@@ -143,6 +143,18 @@ def test_small_batch_plan_with_a_dynamic_k_router(drop_tokens, small_batch, monk
     np.testing.assert_allclose(compiled_inference(layer, x), gathered[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("small_batch", SMALL_BATCH_PLANS)
+def test_small_batch_plan_with_every_token_masked(small_batch, monkeypatch):
+    # No assignment is active: no expert runs, the outputs are zeros and no token is counted.
+    x = inputs((1, 3, D), seed=7)
+    layer = randomized_layer(x, num_experts=4, top_k=2)
+    mask = np.zeros((1, 3), bool)
+    buffered, small = run_both_plans(layer, x, monkeypatch, mask=mask, small_batch=small_batch)
+    assert_same(buffered, small)
+    np.testing.assert_array_equal(small[0], np.zeros((1, 3, D), "float32"))
+    assert small[1]["routed_tokens_per_expert"].sum() == 0 and small[1]["seen_tokens"] == 0
+
+
 def dl_moe_active(layer, x):
     return np.asarray(layer.route(x)["active"])
 
