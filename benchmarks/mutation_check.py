@@ -317,6 +317,22 @@ MUTANTS = [
         ("tests/test_fast_paths.py::-k masked_tokens_and_idle_experts",),
     ),
     Mutant(
+        "host_plan_ignores_capacity",
+        "host-planned slices compute every active assignment in capacity mode too",
+        "        keep &= rank < capacity",
+        "        pass",
+        ("tests/test_small_batch.py::-k capacity_drops",),
+        backend="torch",
+    ),
+    Mutant(
+        "host_plan_unweighted_combine",
+        "host-planned slices add the expert outputs without their combine weights",
+        "index_add(0, row_token, rows * row_weight[:, None])",
+        "index_add(0, row_token, rows)",
+        ("tests/test_small_batch.py::-k host_slices",),
+        backend="torch",
+    ),
+    Mutant(
         "slices_call_idle_experts",
         "the slice path calls a bank for experts without rows too",
         "        if count == 0:\n            continue\n        kwargs = dict(extra)",
