@@ -20,14 +20,10 @@ RULE = "dl_moe.dispatch.gathered_dispatch_pays_off"
 HOST_LIMIT = "dl_moe.backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS"
 D, H = 8, 12
 
+eager_torch_only = pytest.mark.skipif(BACKEND != "torch", reason="host-planned slices run in eager PyTorch only")
+
 # The small-batch plan a test checks, with the function that builds it (spied on).
-SMALL_BATCH_PLANS = [
-    pytest.param("gathered", id="gathered"),
-    pytest.param(
-        "host", id="host_slices",
-        marks=pytest.mark.skipif(BACKEND != "torch", reason="host-planned slices run in eager PyTorch only"),
-    ),
-]
+SMALL_BATCH_PLANS = [pytest.param("gathered", id="gathered"), pytest.param("host", id="host_slices", marks=eager_torch_only)]
 PLAN_BUILDERS = {"gathered": (dispatch, "plan_gathered_dispatch"), "host": (backend_fast_paths, "plan_slices_on_host")}
 
 
@@ -59,13 +55,20 @@ def use_plans(monkeypatch, small_batch):
     monkeypatch.setattr(HOST_LIMIT, 10**6 if small_batch == "host" else 0)
 
 
-def run_both_plans(layer, x, monkeypatch, mask=None, training=False, small_batch="gathered"):
-    """`[(output, counters)]` of the buffered plan, then of the `small_batch` plan
-    ("gathered" or "host"); checks which plan each call took."""
+def spy_on_plan(monkeypatch, small_batch):
+    """A list that gets one entry each time the `small_batch` plan ("gathered" or
+    "host") is built."""
     taken = []
     module, name = PLAN_BUILDERS[small_batch]
     build = getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: taken.append(1) or build(*a, **k))
+    return taken
+
+
+def run_both_plans(layer, x, monkeypatch, mask=None, training=False, small_batch="gathered"):
+    """`[(output, counters)]` of the buffered plan, then of the `small_batch` plan
+    ("gathered" or "host"); checks which plan each call took."""
+    taken = spy_on_plan(monkeypatch, small_batch)
     results = []
     for plan in (None, small_batch):
         use_plans(monkeypatch, plan)
@@ -185,9 +188,7 @@ def test_gathered_plan_rule():
 
 def test_gathered_plan_is_taken_in_inference_only(monkeypatch):
     monkeypatch.setattr(HOST_LIMIT, 0)  # eager PyTorch would plan these batches on the host
-    taken = []
-    plan = dispatch.plan_gathered_dispatch
-    monkeypatch.setattr(dispatch, "plan_gathered_dispatch", lambda *a, **k: taken.append(1) or plan(*a, **k))
+    taken = spy_on_plan(monkeypatch, "gathered")
     x = inputs((1, 2, D))
     layer = randomized_layer(x, num_experts=8, top_k=2)
     layer(x, training=False)
@@ -237,14 +238,9 @@ def test_plan_slices_on_host_layout():
     np.testing.assert_array_equal(plan.kept, [[True, False], [False, True], [True, False]])
 
 
-eager_torch_only = pytest.mark.skipif(BACKEND != "torch", reason="host-planned slices run in eager PyTorch only")
-
-
 @eager_torch_only
 def test_host_planned_slices_are_taken_in_eager_inference_up_to_the_limit(monkeypatch):
-    taken = []
-    build = backend_fast_paths.plan_slices_on_host
-    monkeypatch.setattr(backend_fast_paths, "plan_slices_on_host", lambda *a, **k: taken.append(1) or build(*a, **k))
+    taken = spy_on_plan(monkeypatch, "host")
     limit = backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS
     x = inputs((1, limit // 2, D))
     layer = randomized_layer(x, num_experts=8, top_k=2)
