@@ -275,16 +275,15 @@ def make_inference_step(layer, x):
     return step
 
 
-def small_batch_plan(case):
-    """The small-batch plan the case's layer takes in inference, or None (buffered plans).
+def small_batch_plan(case, moe):
+    """The small-batch plan the case's layer `moe` takes in inference, or None (buffered plans).
 
     "host slices" (eager PyTorch, `backend_fast_paths.run_host_planned_slices`) or
     "gathered" (`dispatch.plan_gathered_dispatch`).
     """
     from dl_moe import backend_fast_paths, dispatch
 
-    assignments = case.tokens * case.top_k
-    if backend_fast_paths.torch_eager_slices_enabled() and assignments <= backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS:
+    if backend_fast_paths.host_planned_slices_apply(moe, case.tokens, case.top_k, training=False):
         return "host slices"
     if dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts):
         return "gathered"
@@ -328,7 +327,7 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     x = case_inputs(case, seed)
     layers = build_layers(case)
     steps = {name: make_inference_step(layers[name], x) for name in ("moe", "dense", "all_experts")}
-    small_batch = small_batch_plan(case)
+    small_batch = small_batch_plan(case, layers["moe"])
     if compare_plans and small_batch:
         steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
     if compare_plans and not case.drop_tokens and not small_batch:
