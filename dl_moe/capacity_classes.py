@@ -7,11 +7,11 @@ needs. Only that branch computes, so the cost is that of the class it takes.
 
 Two uses (see `dl_moe.forward.token_choice`):
 
-* **Dropless classes** (`MoEConfig.dropless_classes`, dropless mode): the smallest
-  class that holds this batch's largest expert load runs as a capacity plan that drops
-  nothing. A batch that no class holds runs the dropless block plan. The result is
-  exactly dropless either way, and a balanced batch pays what the capacity plan pays
-  (no per-block weight copies).
+* **Dropless classes** (`MoEConfig.dropless_classes`, dropless mode; by default in
+  inference only): the smallest class that holds this batch's largest expert load
+  runs as a capacity plan that drops nothing. A batch that no class holds runs the
+  dropless block plan. The result is exactly dropless either way, and a balanced
+  batch pays what the capacity plan pays (no per-block weight copies).
 * **Capacity that follows the load** (`MoEConfig.adaptive_capacity`, capacity mode,
   training): the capacity factor is the smallest class factor at or above a moving
   statistic of the measured maximum expert load, `capacity_load_factor`, clipped to

@@ -68,6 +68,12 @@ def _boolean(owner, name, value):
     return value
 
 
+def _optional_boolean(owner, name, value):
+    if value is not None and not isinstance(value, bool):
+        _fail(owner, name, value, "True, False or None")
+    return value
+
+
 def _one_of(choices):
     def check(owner, name, value):
         if value not in choices:
@@ -688,9 +694,10 @@ class MoEConfig(_CheckedConfig):
             call runs the capacity plan of the smallest of a few static capacities
             (capacity factors 1, 1.1, 1.25, 1.5, 2) that holds the batch's largest expert
             load, chosen at run time with `keras.ops.switch`, and the block plan when
-            none holds it. Exactly dropless either way; False (default): always the block
-            plan. Each class is one more compiled branch (compile time grows with them).
-            See `dl_moe.capacity_classes`.
+            none holds it. Exactly dropless either way. None (default): classes in
+            inference, the block plan in training; True: classes in both; False: the
+            block plan always. Each class is one more compiled branch (compile time
+            grows with them). See `dl_moe.capacity_classes`.
         adaptive_capacity: Capacity mode, training, static token count: the capacity
             factor follows the load instead of `train_capacity_factor`. It is the
             smallest class factor (the bounds, and 1, 1.25, 1.5, 2, 3, 4 between them)
@@ -728,7 +735,7 @@ class MoEConfig(_CheckedConfig):
     overflow: str = _field("drop", _one_of(OVERFLOW_MODES))
     reroute_attempts: Optional[int] = _field(None, _positive_int(optional=True))
     initial_active_experts: Optional[int] = _field(None, _positive_int(optional=True))
-    dropless_classes: bool = _field(False, _boolean)
+    dropless_classes: Optional[bool] = _field(None, _optional_boolean)
     adaptive_capacity: bool = _field(False, _boolean)
     min_capacity_factor: float = _field(1.0, _positive_float())
     max_capacity_factor: float = _field(2.0, _positive_float())

@@ -106,20 +106,20 @@ def test_dropless_classes_match_the_reference_and_the_block_plan(skewed):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def compiled_training_output(layer, x):
-    """The layer's training output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
+def compiled_output(layer, x, training=True):
+    """The layer's output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
     if BACKEND == "jax":
         import jax
 
         trainable = [v.value for v in layer.trainable_variables]
         non_trainable = [v.value for v in layer.non_trainable_variables]
-        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=True)[0])
+        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=training)[0])
         return np.asarray(fn(trainable, non_trainable, x))
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda x: layer(x, training=True), jit_compile=True)(x).numpy()
-    return np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+        return tf.function(lambda x: layer(x, training=training), jit_compile=True)(x).numpy()
+    return np.asarray(ops.convert_to_numpy(layer(x, training=training)))
 
 
 @pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
@@ -127,7 +127,46 @@ def test_dropless_classes_compiled_equal_eager(skewed):
     x = skewed_tokens(40) if skewed else np.random.default_rng(3).normal(size=(40, D)).astype("float32")
     layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=True)
     eager = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
-    np.testing.assert_allclose(compiled_training_output(layer, x), eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled_output(layer, x), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setting, classes_in_inference, classes_in_training",
+    [(None, True, False), (True, True, True), (False, False, False)],
+    ids=["default", "on", "off"],
+)
+def test_dropless_classes_setting_picks_the_plan_of_each_mode(monkeypatch, setting, classes_in_inference, classes_in_training):
+    x = skewed_tokens(24, seed=6)
+    layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=setting)
+    calls = []
+    run_capacity_class = token_choice.run_capacity_class
+
+    def spy(*args, **kwargs):
+        calls.append(True)
+        return run_capacity_class(*args, **kwargs)
+
+    monkeypatch.setattr(token_choice, "run_capacity_class", spy)
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(layer), num_experts=8, top_k=K, ffn_type="swiglu", use_bias=False,
+    )
+    for training, classes_expected in ((False, classes_in_inference), (True, classes_in_training)):
+        calls.clear()
+        out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
+        assert bool(calls) == classes_expected
+        np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
+        assert routing_counters(layer)["dropped_tokens"] == 0
+
+
+@pytest.mark.parametrize("num_tokens", [8, 40], ids=["one_class_of_T_rows", "classes_and_blocks"])
+@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
+def test_default_dropless_inference_compiled_matches_the_reference(num_tokens, skewed):
+    rng = np.random.default_rng(num_tokens)
+    x = skewed_tokens(num_tokens, seed=2) if skewed else rng.normal(size=(num_tokens, D)).astype("float32")
+    layer = randomized_layer(x, num_experts=8, drop_tokens=False)
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(layer), num_experts=8, top_k=K, ffn_type="swiglu", use_bias=False,
+    )
+    np.testing.assert_allclose(compiled_output(layer, x, training=False), ref["out"], rtol=1e-4, atol=1e-5)
 
 
 def compiled_training_gradients(layer, x):

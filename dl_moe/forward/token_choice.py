@@ -128,9 +128,9 @@ def choose_capacity_class(layer, indices, active, training):
     They apply when T is static, the layer is not expert-parallel, the gathered
     small-batch plan does not take the batch, eager PyTorch does not run per-expert
     slices (which already size buffers from the concrete load), and either
-    * dropless mode with `dropless_classes`: the first of `CLASS_FACTORS`' capacities
-      that holds the largest load, else the block plan (not needed when the largest
-      class has T rows, which every load fits); or
+    * dropless mode with `dropless_classes` (None: in inference only): the first of
+      `CLASS_FACTORS`' capacities that holds the largest load, else the block plan
+      (not needed when the largest class has T rows, which every load fits); or
     * capacity mode in training with `adaptive_capacity`: the first class factor at or
       above `capacity_load_factor`, clipped to [min, max]_capacity_factor.
     """
@@ -142,7 +142,7 @@ def choose_capacity_class(layer, indices, active, training):
         if not (config.adaptive_capacity and training):
             return None
         factors = capacity_classes.adaptive_factors(config.min_capacity_factor, config.max_capacity_factor)
-    elif config.dropless_classes:
+    elif dropless_classes_apply(config.dropless_classes, training):
         factors = capacity_classes.CLASS_FACTORS
     else:
         return None
@@ -164,6 +164,14 @@ def choose_capacity_class(layer, indices, active, training):
         tf_training = bool(training) and keras.backend.backend() == "tensorflow"
         capacities = capacities + [dispatch_lib.round_up_rows(num_tokens) if tf_training else None]
     return ClassChoice(capacities, index, loads)
+
+
+def dropless_classes_apply(dropless_classes, training):
+    """Whether `MoEConfig.dropless_classes` (True, False, or None: inference only) asks
+    for dropless classes in this call."""
+    if dropless_classes is None:
+        return not training
+    return dropless_classes
 
 
 def run_capacity_class(layer, classes, tokens, weights, indices, active, inputs, mask, training):

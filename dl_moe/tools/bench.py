@@ -18,8 +18,10 @@ prefill-sized token counts (`--tokens`, default 1, 8, 64, 256, 4096), capacity m
 and dropless, against the same two anchors; `--compare-plans` also times the layer
 with its small-batch plans (`small_batch_plan`: the gathered plan, and in eager
 PyTorch host-planned slices) switched off. `--compare-plans` also times the dropless
-cases (training, and inference where no small-batch plan applies) with
-`dropless_classes=True`, the same weights.
+cases on the same weights with the other dropless plan: in training with
+`dropless_classes=True` (the default there is the block plan), in compiled inference
+where no small-batch plan applies with `dropless_classes=False` (the default there
+is capacity classes).
 """
 
 import dataclasses
@@ -35,6 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from dl_moe import backend_fast_paths, dispatch
 from dl_moe.factories import create_ffn_moe
 
 
@@ -131,26 +134,37 @@ def build_moe(case, **overrides):
     )
 
 
-def with_dropless_classes(case, moe, x):
-    """The case's MoE layer with `dropless_classes=True` and `moe`'s weights."""
+def with_dropless_classes(case, moe, x, dropless_classes=True):
+    """The case's MoE layer with this `dropless_classes` setting and `moe`'s weights."""
     if not moe.built:
         moe.build(x.shape)
-    layer = build_moe(case, dropless_classes=True)
+    layer = build_moe(case, dropless_classes=dropless_classes)
     layer.build(x.shape)
     layer.set_weights(moe.get_weights())
     return layer
 
 
 def classes_fields(medians):
-    """`classes_ms`, `classes_vs_dense` and `classes_speedup` (over the block plan)
-    when `medians` timed `moe_classes`, else nothing."""
-    if "moe_classes" not in medians:
-        return {}
-    return {
-        "classes_ms": medians["moe_classes"] * 1e3,
-        "classes_vs_dense": medians["dense"] / medians["moe_classes"],
-        "classes_speedup": medians["moe"] / medians["moe_classes"],
-    }
+    """What the dropless plans' comparison timed, else nothing.
+
+    Training (`moe_classes`, classes on top of the default block plan):
+    `classes_ms`, `classes_vs_dense` and `classes_speedup` (block time over classes
+    time). Inference (`moe_blocks`, the block plan beside the default classes):
+    `blocks_ms`, `blocks_vs_dense` and `classes_speedup`.
+    """
+    if "moe_classes" in medians:
+        return {
+            "classes_ms": medians["moe_classes"] * 1e3,
+            "classes_vs_dense": medians["dense"] / medians["moe_classes"],
+            "classes_speedup": medians["moe"] / medians["moe_classes"],
+        }
+    if "moe_blocks" in medians:
+        return {
+            "blocks_ms": medians["moe_blocks"] * 1e3,
+            "blocks_vs_dense": medians["dense"] / medians["moe_blocks"],
+            "classes_speedup": medians["moe_blocks"] / medians["moe"],
+        }
+    return {}
 
 
 def build_layers(case):
@@ -281,7 +295,6 @@ def small_batch_plan(case, moe):
     "host slices" (eager PyTorch, `backend_fast_paths.run_host_planned_slices`) or
     "gathered" (`dispatch.plan_gathered_dispatch`).
     """
-    from dl_moe import backend_fast_paths, dispatch
 
     if backend_fast_paths.host_planned_slices_apply(moe, case.tokens, case.top_k, training=False):
         return "host slices"
@@ -296,7 +309,6 @@ def without_small_batch_plans(step):
     The switches are off during every call, so they hold when a compiled step traces
     (its first call) and in every eager call.
     """
-    from dl_moe import backend_fast_paths, dispatch
 
     def run():
         rule, limit = dispatch.gathered_dispatch_pays_off, backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS
@@ -316,7 +328,8 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     Args:
         compare_plans: Where a small-batch plan applies (`small_batch_plan`), also
             time the layer with it switched off (`moe_buffered_ms`,
-            `small_batch_speedup`).
+            `small_batch_speedup`). Dropless, compiled, no small-batch plan: also
+            time the block plan (`dropless_classes=False`; `classes_fields`).
 
     Returns:
         A dict of medians (ms) and ratios: `vs_dense` (dense-equivalent time over
@@ -330,12 +343,14 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     small_batch = small_batch_plan(case, layers["moe"])
     if compare_plans and small_batch:
         steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
-    if compare_plans and not case.drop_tokens and not small_batch:
-        steps["moe_classes"] = make_inference_step(with_dropless_classes(case, layers["moe"], x), x)
+    compiled_dropless = not case.drop_tokens and not backend_fast_paths.torch_eager_slices_enabled()
+    if compare_plans and compiled_dropless and not small_batch:
+        blocks = with_dropless_classes(case, layers["moe"], x, dropless_classes=False)
+        steps["moe_blocks"] = make_inference_step(blocks, x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
-        "plan": small_batch or ("capacity" if case.drop_tokens else "dropless"),
+        "plan": small_batch or ("capacity" if case.drop_tokens else "classes" if compiled_dropless else "dropless"),
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "all_experts_ms": medians["all_experts"] * 1e3,
@@ -353,15 +368,15 @@ def format_inference_table(results):
     """Markdown table of `run_inference_case` results."""
     lines = [
         "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | buffered ms "
-        "| classes MoE/dense |",
+        "| blocks MoE/dense |",
         "|" + "---|" * 10,
     ]
     for r in results:
         buffered = f"{r['moe_buffered_ms']:.3f}" if "moe_buffered_ms" in r else "–"
-        classes = f"{r['classes_vs_dense']:.2f}" if "classes_vs_dense" in r else "–"
+        blocks = f"{r['blocks_vs_dense']:.2f}" if "blocks_vs_dense" in r else "–"
         lines.append(
             f"| {r['T']} | {r['mode']} | {r['plan']} | {r['moe_ms']:.3f} | {r['dense_ms']:.3f} | "
-            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} | {classes} |"
+            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} | {blocks} |"
         )
     return "\n".join(lines)
 
