@@ -167,8 +167,20 @@ def test_bench_inference_times_each_token_count_and_plan(capsys, monkeypatch, tm
         assert ("small_batch_speedup" in r) == (r["plan"] == small_batch)
         # The block plan is timed beside the classes, and only there.
         assert ("blocks_ms" in r) == (r["plan"] == "classes")
+        assert ("max_load_factor" in r) == (r["mode"] == "dropless")
         if "blocks_ms" in r:
             assert r["classes_speedup"] == pytest.approx(r["blocks_ms"] / r["moe_ms"])
+
+
+def test_bench_max_load_factor_of_a_batch_on_two_experts():
+    from dl_moe.tools import bench
+
+    case = bench.Case("skewed", 16, 16, 32, 4, 2, drop_tokens=False)
+    moe = bench.build_moe(case)
+    # Sixteen copies of one token: all go to the same 2 of 4 experts, a load of 16
+    # against a mean of 16 * 2 / 4 = 8.
+    x = np.tile(np.random.default_rng(0).normal(size=(1, 16)).astype("float32"), (16, 1))
+    assert bench.max_load_factor(moe, x) == pytest.approx(2.0)
 
 
 def test_bench_inference_rejects_bad_token_counts():

@@ -167,6 +167,18 @@ def classes_fields(medians):
     return {}
 
 
+def max_load_factor(moe, x):
+    """The largest expert load over the mean load when `moe` routes `x` (1: balanced).
+
+    A compiled dropless call with capacity classes computes E rows for each row of its
+    class, whose capacity holds this largest load: 1/factor bounds its MoE/dense
+    against capacity 1.0's.
+    """
+    decision = moe.route(x)
+    loads = np.bincount(decision["indices"][decision["active"]], minlength=moe.config.num_experts)
+    return float(loads.max() / loads.mean())
+
+
 def build_layers(case):
     """The three layers of a case: `{"moe": ..., "dense": ..., "all_experts": ...}`."""
     return {
@@ -361,6 +373,8 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
         result["moe_buffered_ms"] = medians["moe_buffered"] * 1e3
         result["small_batch_speedup"] = medians["moe_buffered"] / medians["moe"]
     result.update(classes_fields(medians))
+    if not case.drop_tokens:
+        result["max_load_factor"] = max_load_factor(layers["moe"], x)
     return result
 
 
@@ -498,6 +512,8 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=Fa
         result["all_experts_ms"] = medians["all_experts"] * 1e3
         result["vs_all_experts"] = medians["all_experts"] / medians["moe"]
     result.update(classes_fields(medians))
+    if not case.drop_tokens:
+        result["max_load_factor"] = max_load_factor(layers["moe"], x)
     return result
 
 
