@@ -325,6 +325,14 @@ MUTANTS = [
         backend="torch",
     ),
     Mutant(
+        "dropless_classes_default_never",
+        "dropless_classes=None runs the block plan in inference too",
+        "        return not training\n",
+        "        return False\n",
+        ("tests/test_capacity_classes.py::-k setting_picks",),
+        backend="jax",
+    ),
+    Mutant(
         "host_plan_unweighted_combine",
         "host-planned slices add the expert outputs without their combine weights",
         "index_add(0, row_token, rows * row_weight[:, None])",
