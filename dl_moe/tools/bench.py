@@ -134,7 +134,7 @@ def build_moe(case, **overrides):
     )
 
 
-def with_dropless_classes(case, moe, x, dropless_classes=True):
+def with_dropless_plan(case, moe, x, dropless_classes):
     """The case's MoE layer with this `dropless_classes` setting and `moe`'s weights."""
     if not moe.built:
         moe.build(x.shape)
@@ -307,7 +307,6 @@ def small_batch_plan(case, moe):
     "host slices" (eager PyTorch, `backend_fast_paths.run_host_planned_slices`) or
     "gathered" (`dispatch.plan_gathered_dispatch`).
     """
-
     if backend_fast_paths.host_planned_slices_apply(moe, case.tokens, case.top_k, training=False):
         return "host slices"
     if dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts):
@@ -357,7 +356,7 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
         steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
     compiled_dropless = not case.drop_tokens and not backend_fast_paths.torch_eager_slices_enabled()
     if compare_plans and compiled_dropless and not small_batch:
-        blocks = with_dropless_classes(case, layers["moe"], x, dropless_classes=False)
+        blocks = with_dropless_plan(case, layers["moe"], x, dropless_classes=False)
         steps["moe_blocks"] = make_inference_step(blocks, x)
     medians = time_steps(steps, repeats=repeats)
     result = {
@@ -498,7 +497,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=Fa
     steps = {name: make_train_step(layers[name], x) for name in names}
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
     if compare_plans and not case.drop_tokens:
-        steps["moe_classes"] = make_train_step(with_dropless_classes(case, layers["moe"], x), x)
+        steps["moe_classes"] = make_train_step(with_dropless_plan(case, layers["moe"], x, dropless_classes=True), x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
@@ -707,8 +706,9 @@ def main(argv=None):
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="--inference: capacity factor")
     parser.add_argument(
         "--compare-plans", action="store_true",
-        help="also time the layer without its run-time plan choice: --inference, without the small-batch "
-        "gathered plan where it applies; training, dropless cases with dropless_classes=False (block plan)",
+        help="also time the layer with its other plans: --inference, without the small-batch plans where they "
+        "apply and, compiled dropless, with dropless_classes=False (block plan); training, dropless cases with "
+        "dropless_classes=True (capacity classes)",
     )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
