@@ -212,3 +212,52 @@ def test_slice_path_runs_other_banks_once_per_expert(monkeypatch):
     layer(x, training=True)
     want = [([e], int(min(load, capacity))) for e, load in enumerate(loads) if load > 0]
     assert calls == want
+
+
+def count_layer_calls(monkeypatch):
+    """A list that gets one entry each time `keras.Layer.__call__` runs."""
+    import keras
+
+    calls = []
+    layer_call = keras.Layer.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(self)
+        return layer_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Layer, "__call__", spy)
+    return calls
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="Layer.__call__ is skipped in eager PyTorch only; elsewhere call_layer is layer(...)")
+def test_call_layer_skips_layer_call_only_where_it_changes_nothing(monkeypatch):
+    import keras
+
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype("float32")
+    router = randomized_layer(x, num_experts=4, hidden_dim=8, top_k=2).gating_network
+    expected = router(x, training=False)
+    calls = count_layer_calls(monkeypatch)
+
+    # Eager inference, float32 throughout, no hooks: `call` directly, the same answer.
+    weights, indices, info = backend_fast_paths.call_layer(router, x, training=False)
+    assert calls == []
+    np.testing.assert_array_equal(ops.convert_to_numpy(weights), ops.convert_to_numpy(expected[0]))
+    np.testing.assert_array_equal(ops.convert_to_numpy(indices), ops.convert_to_numpy(expected[1]))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(info["raw_gate_probs"]), ops.convert_to_numpy(expected[2]["raw_gate_probs"])
+    )
+
+    # Training (layers may add losses), autocast and torch hooks keep Layer.__call__.
+    backend_fast_paths.call_layer(router, x, training=True)
+    assert calls == [router]
+    mixed = keras.layers.Dense(3, dtype="mixed_bfloat16")
+    mixed.build((None, 8))
+    calls.clear()
+    out = backend_fast_paths.call_layer(mixed, x, training=False)
+    assert calls == [mixed] and str(out.dtype) == "torch.bfloat16"
+    hooked = []
+    handle = router.register_forward_hook(lambda *args: hooked.append(1))
+    calls.clear()
+    backend_fast_paths.call_layer(router, x, training=False)
+    handle.remove()
+    assert calls == [router] and hooked == [1]

@@ -42,7 +42,7 @@ from typing import Any, TypedDict
 import keras
 from keras import ops
 
-from dl_moe import export_compat
+from dl_moe import backend_fast_paths, export_compat
 
 # Logit of a dead expert: exp(DEAD_LOGIT - max) is 0 in float32, and it stays finite
 # so that logsumexp (z-loss) and its gradient see no inf - inf.
@@ -330,8 +330,6 @@ def call_router(router, inputs, training=None, mask=None):
     Returns:
         `(weights, indices, info)` with `info` a `RoutingInfo` (a plain dict).
     """
-    if mask is not None and getattr(router, "_call_has_mask_arg", False):
-        weights, indices, info = router(inputs, training=training, mask=mask)
-    else:
-        weights, indices, info = router(inputs, training=training)
+    kwargs = {"mask": mask} if mask is not None and getattr(router, "_call_has_mask_arg", False) else {}
+    weights, indices, info = backend_fast_paths.call_layer(router, inputs, training=training, **kwargs)
     return weights, indices, dict(info or {})
