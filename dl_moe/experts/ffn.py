@@ -257,15 +257,16 @@ class FFNExpertBank(ExpertBank):
         rows = inputs[0]  # [N, d]
         pieces = split_slices(rows, slice_counts)
         names = ["up", "down"] + (["gate"] if self.ffn_type != "mlp" else [])
+        # Training unstacks every stacked weight (its gradient then stacks once); in
+        # inference indexing the few experts with rows costs less (no E views each).
+        by_expert = (lambda w: ops.unstack(w, axis=0)) if training else (lambda w: w)
         per_expert = {}
         for name in names:
-            per_expert[name] = ops.unstack(ops.convert_to_tensor(getattr(self, name + "_kernel")), axis=0)
+            per_expert[name] = by_expert(ops.convert_to_tensor(getattr(self, name + "_kernel")))
             if self.use_bias:
-                per_expert[name + "_bias"] = ops.unstack(ops.convert_to_tensor(getattr(self, name + "_bias")), axis=0)
+                per_expert[name + "_bias"] = by_expert(ops.convert_to_tensor(getattr(self, name + "_bias")))
             if quantized:
-                per_expert[name + "_scale"] = ops.unstack(
-                    ops.convert_to_tensor(getattr(self, name + "_kernel_scale")), axis=0
-                )
+                per_expert[name + "_scale"] = by_expert(ops.convert_to_tensor(getattr(self, name + "_kernel_scale")))
 
         def project_with(expert):
             # `@` on the backend tensors, not ops.matmul: in eager PyTorch, ops.matmul's
