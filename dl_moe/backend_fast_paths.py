@@ -241,7 +241,8 @@ def run_host_planned_slices(layer, tokens, weights, expert_index, active, capaci
     device = tokens.device
     row_token = torch.as_tensor(plan.row_token, device=device)
     if row_token.numel():
-        rows = call_layer(layer.experts, tokens[row_token][None], training=training, slice_counts=plan.counts)[0]  # [n, o]
+        rows = call_layer(layer.experts, tokens[row_token][None], training=training, slice_counts=plan.counts)
+        rows = rows[0]  # [n, o]
         row_weight = weights[row_token, torch.as_tensor(plan.row_choice, device=device)].to(rows.dtype)  # [n]
         outputs = rows.new_zeros((tokens.shape[0], rows.shape[-1])).index_add(0, row_token, rows * row_weight[:, None])
     else:

@@ -135,7 +135,9 @@ def test_dropless_classes_compiled_equal_eager(skewed):
     [(None, True, False), (True, True, True), (False, False, False)],
     ids=["default", "on", "off"],
 )
-def test_dropless_classes_setting_picks_the_plan_of_each_mode(monkeypatch, setting, classes_in_inference, classes_in_training):
+def test_dropless_classes_setting_picks_the_plan_of_each_mode(
+    monkeypatch, setting, classes_in_inference, classes_in_training
+):
     x = skewed_tokens(24, seed=6)
     layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=setting)
     calls = []

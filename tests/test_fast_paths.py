@@ -229,7 +229,9 @@ def count_layer_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="Layer.__call__ is skipped in eager PyTorch only; elsewhere call_layer is layer(...)")
+@pytest.mark.skipif(
+    BACKEND != "torch", reason="Layer.__call__ is skipped in eager PyTorch only; elsewhere call_layer is layer(...)"
+)
 def test_call_layer_skips_layer_call_only_where_it_changes_nothing(monkeypatch):
     import keras
 
