@@ -39,6 +39,7 @@ from keras import ops
 
 from dl_moe import backend_fast_paths, dispatch
 from dl_moe.factories import create_ffn_moe
+from dl_moe.forward import token_choice
 
 
 @dataclasses.dataclass
@@ -314,6 +315,18 @@ def small_batch_plan(case, moe):
     return None
 
 
+def runs_dropless_classes(case, moe, x):
+    """Whether the case's layer `moe` runs capacity classes in inference, as
+    `token_choice.choose_capacity_class` decides from the static shapes."""
+    if case.drop_tokens:
+        return False
+    if not moe.built:
+        moe.build(x.shape)
+    indices = ops.zeros((case.tokens, case.top_k), "int32")
+    active = ops.ones((case.tokens, case.top_k), "bool")
+    return token_choice.choose_capacity_class(moe, indices, active, training=False) is not None
+
+
 def without_small_batch_plans(step):
     """`step` with the small-batch plans (host slices, gathered) switched off.
 
@@ -354,14 +367,14 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     small_batch = small_batch_plan(case, layers["moe"])
     if compare_plans and small_batch:
         steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
-    compiled_dropless = not case.drop_tokens and not backend_fast_paths.torch_eager_slices_enabled()
-    if compare_plans and compiled_dropless and not small_batch:
+    classes = runs_dropless_classes(case, layers["moe"], x)
+    if compare_plans and classes:
         blocks = with_dropless_plan(case, layers["moe"], x, dropless_classes=False)
         steps["moe_blocks"] = make_inference_step(blocks, x)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
-        "plan": small_batch or ("capacity" if case.drop_tokens else "classes" if compiled_dropless else "dropless"),
+        "plan": small_batch or ("capacity" if case.drop_tokens else "classes" if classes else "dropless"),
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "all_experts_ms": medians["all_experts"] * 1e3,
