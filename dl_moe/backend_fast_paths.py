@@ -204,19 +204,6 @@ def plan_slices_on_host(expert_index, active, num_experts, capacity=None):
     )
 
 
-def host_planned_slices_apply(layer, num_tokens, top_k, training):
-    """Whether a token-choice call takes `run_host_planned_slices`.
-
-    Eager PyTorch, inference, a bank that runs per-expert slices in one call (FFN),
-    not expert-parallel, and at most `MAX_HOST_PLANNED_ASSIGNMENTS` assignments.
-    """
-    if training or not torch_eager_slices_enabled() or layer.config.expert_parallel:
-        return False
-    if not getattr(layer.experts, "supports_slice_counts", False):
-        return False
-    return isinstance(num_tokens, int) and num_tokens * top_k <= MAX_HOST_PLANNED_ASSIGNMENTS
-
-
 def run_host_planned_slices(layer, tokens, weights, expert_index, active, capacity, training):
     """dispatch → experts → combine of `[T, k]` assignments, planned on the host.
 

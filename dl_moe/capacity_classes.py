@@ -61,13 +61,6 @@ def adaptive_factors(min_factor, max_factor):
     return sorted({min_factor, max_factor, *inside})
 
 
-def expert_loads(expert_index, active, num_experts):
-    """`[E]` int32 active assignments per expert of `[T, k]` assignments (traceable)."""
-    flat = ops.reshape(ops.where(active, ops.cast(expert_index, "int32"), num_experts), (-1,))
-    one_hot = ops.expand_dims(flat, 1) == ops.arange(num_experts, dtype="int32")  # [N, E]
-    return ops.sum(ops.cast(one_hot, "int32"), axis=0)
-
-
 def smallest_class_holding(max_load, capacities):
     """Index of the first capacity >= `max_load` (a scalar int32 tensor);
     `len(capacities)` when none holds it."""

@@ -83,6 +83,14 @@ def _one_of(choices):
     return check
 
 
+def _dispatch_plan(owner, name, value):
+    from dl_moe.dispatch_plans import plan_names
+
+    if value not in plan_names():
+        _fail(owner, name, value, f"one of {plan_names()}")
+    return value
+
+
 def _registered(registry):
     def check(owner, name, value):
         if value not in registry:
@@ -710,6 +718,12 @@ class MoEConfig(_CheckedConfig):
         max_capacity_factor: adaptive_capacity: largest capacity factor used.
         capacity_decay: adaptive_capacity: weight of the old value in the moving
             average (new = decay * old + (1 - decay) * this batch's max load / mean).
+        dispatch: Which plan runs dispatch → experts → combine: "auto" (the first row
+            of `dl_moe.dispatch_plans.PLAN_TABLE` that applies to the call) or a plan's
+            name ("capacity", "grouped", "blocks", "adaptive_capacity", and the
+            backend rows "host_slices" and "slices" of eager PyTorch). Plans differ in
+            cost only: each computes the same assignments. A named plan that cannot
+            run a call raises a `ValueError` saying why.
     """
 
     num_experts: int = _field(8, _positive_int())
@@ -740,6 +754,7 @@ class MoEConfig(_CheckedConfig):
     min_capacity_factor: float = _field(1.0, _positive_float())
     max_capacity_factor: float = _field(2.0, _positive_float())
     capacity_decay: float = _field(0.9, _probability)
+    dispatch: str = _field("auto", _dispatch_plan)
 
     def __post_init__(self):
         if isinstance(self.expert_config, dict):

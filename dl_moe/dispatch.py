@@ -34,6 +34,9 @@ from dl_moe.export_compat import is_symbolic_dim, symbolic_ceil
 
 CAPACITY_MULTIPLE = 8
 MAX_DROPLESS_BLOCK = 256
+# Rows per dropless block when the token count is only known at run time (TF graphs
+# with an unknown batch size); any value gives the same outputs.
+DYNAMIC_DROPLESS_BLOCK = 64
 # Cost of copying one block's expert weights, in rows of matmul: an estimate for CPUs
 # (a weight copy moves ~8 bytes per element while a row does 2 flops per element).
 BLOCK_WEIGHT_COST = 32
@@ -114,6 +117,25 @@ def dropless_block_size(num_tokens, top_k, num_experts, block_size=None):
     mean_group = num_tokens * top_k / num_experts
     block = CAPACITY_MULTIPLE * round(math.sqrt(BLOCK_WEIGHT_COST * mean_group) / CAPACITY_MULTIPLE)
     return int(min(MAX_DROPLESS_BLOCK, max(CAPACITY_MULTIPLE, block)))
+
+
+def grouped_block_size(num_tokens, top_k, num_experts):
+    """Rows per block of the grouped plan: about a quarter of the mean rows per
+    expert T*k/E, a multiple of 8 in [8, MAX_DROPLESS_BLOCK].
+
+    The grouped plan reads each expert's weights once whatever the block size, so
+    blocks only trade padding (at most E*(b - 1) rows, here about T*k/4) against the
+    number of loop steps and the efficiency of a b-row matmul.
+    """
+    eighth_group = num_tokens * top_k / (8 * num_experts)
+    return int(min(MAX_DROPLESS_BLOCK, round_up_rows(math.ceil(eighth_group))))
+
+
+def expert_loads(expert_index, active, num_experts):
+    """`[E]` int32 active assignments per expert of `[T, k]` assignments (traceable)."""
+    flat = ops.reshape(ops.where(active, ops.cast(expert_index, "int32"), num_experts), (-1,))
+    one_hot = ops.expand_dims(flat, 1) == ops.arange(num_experts, dtype="int32")  # [N, E]
+    return ops.sum(ops.cast(one_hot, "int32"), axis=0)
 
 
 def _sort_assignments(expert_index, active, num_experts):
@@ -273,10 +295,8 @@ def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
     num_assignments = num_tokens * top_k
     routed_per_expert = None
     if capacity is not None:
-        _, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
-        routed_per_expert = starts[1:] - starts[:-1]
-        kept = ops.cast((rank < capacity) & (sorted_expert < num_experts), "int32")
-        active = _unsort(kept, order, num_tokens, top_k) > 0
+        routed_per_expert = expert_loads(expert_index, active, num_experts)
+        active = active & capacity_kept(expert_index, active, num_experts, capacity)
     sorted_token, sorted_expert, starts, _, order = _sort_assignments(expert_index, active, num_experts)
     valid = sorted_expert < num_experts
     position = ops.arange(num_assignments, dtype="int32")
@@ -292,80 +312,18 @@ def plan_ragged_dispatch(expert_index, active, num_experts, capacity=None):
     return plan, [int(c) for c in ops.convert_to_numpy(counts)]
 
 
-# Most assignments T*k the gathered plan takes (its capacity-mode ranks are [N, N]).
-MAX_GATHERED_ASSIGNMENTS = 64
+def capacity_kept(expert_index, active, num_experts, capacity):
+    """`[T, k]` bool: the active assignments capacity mode computes.
 
-
-def gathered_dispatch_pays_off(num_tokens, top_k, num_experts):
-    """Whether a batch of `num_tokens` (a static Python int) runs the gathered plan.
-
-    Rule: 2 * T * k <= E (and T * k <= MAX_GATHERED_ASSIGNMENTS).
-
-    Reason: the gathered plan computes each of the N = T*k assignments as one row
-    against a copy of its expert's weights, which moves about 3 N expert weight
-    sets (the gather reads and writes the copy, the matmul reads it) and computes
-    N rows, with no sort. The buffered plans read all E experts' weights once and
-    compute E*C >= 8E rows (capacity), or copy one weight set per dropless block
-    (at least E blocks' worth at small N), after sorting the assignments. XLA's
-    cost analysis of the compiled inference call (JAX, E=8, k=2, d=256, h=512,
-    SwiGLU) gives, at T=1: gathered 2.4 MFLOP, capacity 50 MFLOP / 13.7 MB read,
-    dropless 47 MFLOP / 36 MB; at T=4 the gathered copies (8 weight sets, ~36 MB
-    moved) already exceed the capacity plan's single read of the bank. N <= E/2
-    lies between the capacity break-even (3N ~ E) and the dropless one (N ~ E).
-    Wall-clock figures on an idle machine (`dl-moe bench --inference
-    --compare-plans`) should confirm or move the threshold.
-    """
-    num_assignments = num_tokens * top_k
-    return 2 * num_assignments <= num_experts and num_assignments <= MAX_GATHERED_ASSIGNMENTS
-
-
-def plan_gathered_dispatch(expert_index, active, num_experts, capacity=None):
-    """Small-batch plan: one row per assignment, each its own group `[T*k, 1]`.
-
-    Group g is assignment g in choice-major order (g = choice * T + token) and
-    `group_expert [T*k]` its expert, so the bank reads each chosen expert's weights
-    for its row only; there is no sort and no padding. Inactive (and, in capacity
-    mode, dropped) assignments keep their row but read the zero token row and are
-    left out of the combine, so they add nothing (and no NaN).
-
-    Args:
-        expert_index: `[T, k]` int expert of each assignment.
-        active: `[T, k]` bool.
-        num_experts: E.
-        capacity: None for dropless; else C (a Python int): each expert keeps its
-            first C active assignments in the priority order of
-            `plan_capacity_dispatch` (choice, then token) and drops the rest.
-
-    Returns:
-        A `DispatchPlan` with `row_token [T*k, 1]` and `group_expert [T*k]`.
+    Each expert keeps its first `capacity` active assignments in the priority order
+    of `plan_capacity_dispatch` (choice, then token), so any plan that computes
+    these keeps and drops exactly what the capacity plan does.
     """
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
-    num_assignments = num_tokens * top_k
-    expert = ops.where(active, ops.cast(expert_index, "int32"), num_experts)
-    flat_expert = ops.reshape(ops.transpose(expert), (-1,))  # [N], choice-major
-    is_expert = ops.expand_dims(flat_expert, 1) == ops.arange(num_experts, dtype="int32")  # [N, E]
-    counts = ops.sum(ops.cast(is_expert, "int32"), axis=0)  # [E]
-    valid = flat_expert < num_experts  # [N]
-    processed = counts
-    if capacity is not None and capacity < num_assignments:
-        # rank = active assignments of the same expert earlier in priority order.
-        same = ops.expand_dims(flat_expert, 1) == ops.expand_dims(flat_expert, 0)  # [N, N]
-        position = ops.arange(num_assignments, dtype="int32")
-        earlier = ops.expand_dims(position, 1) > ops.expand_dims(position, 0)
-        rank = ops.sum(ops.cast(same & earlier, "int32"), axis=1)  # [N]
-        valid = valid & (rank < capacity)
-        processed = ops.minimum(counts, capacity)
-    row = ops.arange(num_assignments, dtype="int32")
-    row_assignment = ops.where(valid, row, num_assignments)  # [N]
-    return DispatchPlan(
-        row_token=ops.expand_dims(ops.where(valid, row % num_tokens, num_tokens), 1),
-        assignment_row=ops.transpose(ops.reshape(row_assignment, (top_k, num_tokens))),
-        group_expert=ops.minimum(flat_expert, num_experts - 1),
-        routed_per_expert=counts,
-        processed_per_expert=processed,
-        row_assignment=ops.expand_dims(row_assignment, 1),
-    )
+    _, sorted_expert, _, rank, order = _sort_assignments(expert_index, active, num_experts)
+    kept = ops.cast((rank < capacity) & (sorted_expert < num_experts), "int32")
+    return _unsort(kept, order, num_tokens, top_k) > 0
 
 
 def _append_zero_row(x):

@@ -47,17 +47,17 @@ class ExpertBank(keras.layers.Layer):
             of E Python ints) in place of `group_expert`: one group `[1, N, ...]` whose
             rows are sorted by expert, `slice_counts[e]` rows per expert. Eager
             PyTorch then runs the bank once per call; other banks run once per expert.
-        supports_gathered_rows: Decode-sized inference batches may reach the bank as
-            one row per assignment, `[T*k, 1, ...]` with `group_expert [T*k]`
-            (`dispatch.plan_gathered_dispatch`); banks without it always get the
-            capacity or dropless buffers.
+        supports_expert_blocks: The bank's `call` also accepts `expert_blocks` (a
+            `grouped_matmul.ExpertBlocks`) with `group_expert`: the groups are blocks,
+            each expert's consecutive, and the bank indexes one expert's weights at a
+            time instead of gathering a copy per block (the "grouped" dispatch plan).
     """
 
     token_layout = "token"
     input_rank = None
     config_fields = ()
     supports_slice_counts = False
-    supports_gathered_rows = False
+    supports_expert_blocks = False
 
     def prepare_context(self, inputs, mask=None):
         """Per-call context computed once from the layer's whole input (default: None).

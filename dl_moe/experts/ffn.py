@@ -8,6 +8,7 @@ from dl_moe import dispatch as dispatch_lib
 from dl_moe.backend_fast_paths import join_slices, split_slices
 from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
+from dl_moe.grouped_matmul import grouped_matmul
 
 GLU_GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
 DEFAULT_GLU_ALPHA = 1.702
@@ -72,9 +73,9 @@ class FFNExpertBank(ExpertBank):
     """
 
     supports_expert_scale = True
-    # `_project` reads each group's expert weights by `group_expert`, one row per
-    # group included.
-    supports_gathered_rows = True
+    # Blocks whose owners an `ExpertBlocks` describes run without a kernel copy per
+    # block (`grouped_matmul`, the "grouped" dispatch plan).
+    supports_expert_blocks = True
     # The FFN fields of ExpertConfig (other expert types must leave them at their defaults).
     config_fields = ("intermediate_size", "ffn_type", "activation")
 
@@ -170,27 +171,46 @@ class FFNExpertBank(ExpertBank):
             return scale
         return (["gate_bias"] if self.ffn_type != "mlp" else []) + ["up_bias", "down_bias"] + scale
 
-    def _project(self, x, kernel, bias, group_expert, scale=None):
-        """x `[G, R, a]` @ kernel of each group's expert `[G, a, b]` (+ bias `[G, 1, b]`).
+    def _project(self, x, names, group_expert, quantized, expert_blocks=None):
+        """x `[G, R, a]` @ each named kernel of each group's expert `[G, a, b]` (+ bias `[G, 1, b]`).
 
-        With `scale` `[E, 1, b]` the kernel is int8 and the product is divided by the
-        owning expert's per-output-channel scale.
+        Args:
+            x: `[G, R, a]` rows.
+            names: Matrices that multiply `x`, e.g. ("gate", "up").
+            group_expert: `[G]` owner of each group, or None when group g is expert g.
+            quantized: The kernels are int8; each product is divided by the owning
+                expert's per-output-channel scale `[E, 1, b]`.
+            expert_blocks: The groups are blocks owned as this `ExpertBlocks` says
+                (`group_expert` names the same owners): the products index one
+                expert's kernels at a time (`grouped_matmul`) instead of gathering a
+                kernel copy per group.
+
+        Returns:
+            A tuple of `[G, R, b]`, one per name.
         """
-        if group_expert is not None:
-            kernel = ops.take(kernel, group_expert, axis=0)
-        if scale is None:
-            y = ops.matmul(x, kernel)
+        kernels = [getattr(self, name + "_kernel") for name in names]
+        if expert_blocks is not None:
+            products = grouped_matmul(x, kernels, expert_blocks)
         else:
             if group_expert is not None:
-                scale = ops.take(scale, group_expert, axis=0)
-            y = ops.matmul(x, ops.cast(kernel, x.dtype)) / ops.cast(scale, x.dtype)
-        if bias is not None:
-            if group_expert is not None:
-                bias = ops.take(bias, group_expert, axis=0)
-            y = y + ops.expand_dims(bias, 1)
-        return y
+                kernels = [ops.take(kernel, group_expert, axis=0) for kernel in kernels]
+            products = [ops.matmul(x, ops.cast(kernel, x.dtype)) for kernel in kernels]
+        outputs = []
+        for name, y in zip(names, products):
+            if quantized:
+                scale = getattr(self, name + "_kernel_scale")
+                if group_expert is not None:
+                    scale = ops.take(scale, group_expert, axis=0)
+                y = y / ops.cast(scale, x.dtype)
+            if self.use_bias:
+                bias = getattr(self, name + "_bias")
+                if group_expert is not None:
+                    bias = ops.take(bias, group_expert, axis=0)
+                y = y + ops.expand_dims(bias, 1)
+            outputs.append(y)
+        return tuple(outputs)
 
-    def call(self, inputs, group_expert=None, training=None, slice_counts=None):
+    def call(self, inputs, group_expert=None, training=None, slice_counts=None, expert_blocks=None):
         """Applies each group's expert.
 
         Args:
@@ -201,6 +221,8 @@ class FFNExpertBank(ExpertBank):
                 `inputs` is `[1, N, d]` with rows sorted by expert, the first
                 `slice_counts[0]` rows for expert 0, the next `slice_counts[1]` for
                 expert 1, and so on; rows past `sum(slice_counts)` are empty.
+            expert_blocks: With `group_expert`, a `grouped_matmul.ExpertBlocks` saying
+                which consecutive blocks each expert owns (see `supports_expert_blocks`).
 
         Returns:
             `[G, R, o]` (empty slice rows are zeros).
@@ -208,13 +230,11 @@ class FFNExpertBank(ExpertBank):
         quantized = self.quantization_mode == "int8"
         if slice_counts is not None:
             return self._ffn_on_slices(inputs, slice_counts, training, quantized)
-        return self._ffn(inputs, group_expert, training, quantized)
+        return self._ffn(inputs, group_expert, training, quantized, expert_blocks)
 
-    def _ffn(self, inputs, group_expert, training, quantized):
-        def project(x, name):
-            bias = getattr(self, name + "_bias") if self.use_bias else None
-            scale = getattr(self, name + "_kernel_scale") if quantized else None
-            return self._project(x, getattr(self, name + "_kernel"), bias, group_expert, scale)
+    def _ffn(self, inputs, group_expert, training, quantized, expert_blocks=None):
+        def project(x, names):
+            return self._project(x, names, group_expert, quantized, expert_blocks)
 
         outputs = self._ffn_body(inputs, project, training)  # [G, R, o]
         if self.use_expert_scale:
@@ -223,17 +243,21 @@ class FFNExpertBank(ExpertBank):
         return outputs
 
     def _ffn_body(self, inputs, project, training):
-        """The FFN on `inputs`, with `project(x, name)` applying the "gate"/"up"/"down" matrix."""
-        up = project(inputs, "up")  # [..., h]
+        """The FFN on `inputs`, with `project(x, names)` applying the named matrices
+        ("gate", "up", "down") to `x`, one output each."""
         if self.ffn_type == "mlp":
+            (up,) = project(inputs, ("up",))  # [..., h]
             hidden = self._hidden_activation(up)
-        elif self.ffn_type == "clamped_swiglu":
-            hidden = self._clamped_swiglu(project(inputs, "gate"), up)
         else:
-            hidden = self._hidden_activation(project(inputs, "gate")) * up
+            gate, up = project(inputs, ("gate", "up"))  # [..., h] each
+            if self.ffn_type == "clamped_swiglu":
+                hidden = self._clamped_swiglu(gate, up)
+            else:
+                hidden = self._hidden_activation(gate) * up
         if training and self.dropout_rate > 0:
             hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
-        return project(hidden, "down")  # [..., o]
+        (outputs,) = project(hidden, ("down",))  # [..., o]
+        return outputs
 
     def _clamped_swiglu(self, gate, up):
         """GPT-OSS's gated unit: (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
@@ -271,7 +295,7 @@ class FFNExpertBank(ExpertBank):
         def project_with(expert):
             # `@` on the backend tensors, not ops.matmul: in eager PyTorch, ops.matmul's
             # dtype handling costs as much as a decode-sized product.
-            def project(x, name):
+            def project_one(x, name):
                 kernel = per_expert[name][expert]  # [a, b]
                 if quantized:
                     y = (x @ ops.cast(kernel, x.dtype)) / ops.cast(per_expert[name + "_scale"][expert], x.dtype)
@@ -281,7 +305,7 @@ class FFNExpertBank(ExpertBank):
                     y = y + per_expert[name + "_bias"][expert]
                 return y
 
-            return project
+            return lambda x, names: tuple(project_one(x, name) for name in names)
 
         def expert_ffn(piece, expert):
             y = self._ffn_body(piece, project_with(expert), training)
@@ -334,8 +358,10 @@ class FFNExpertBank(ExpertBank):
                 ),
             )
 
-    def _int8_call(self, inputs, group_expert=None, training=None, slice_counts=None):
-        return self.call(inputs, group_expert=group_expert, training=training, slice_counts=slice_counts)
+    def _int8_call(self, inputs, group_expert=None, training=None, slice_counts=None, expert_blocks=None):
+        return self.call(
+            inputs, group_expert=group_expert, training=training, slice_counts=slice_counts, expert_blocks=expert_blocks
+        )
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Quantizes the built bank's kernels in place.

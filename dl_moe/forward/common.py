@@ -50,16 +50,19 @@ def place_on_expert_devices(layer, expert_inputs, plan):
     return constrain_to_expert_axis(expert_inputs, stacked)
 
 
-def run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts=None):
+def run_experts(layer, expert_inputs, plan, inputs, mask, training, slice_counts=None, expert_blocks=None):
     """Runs the bank on `[G, R, ...]` rows (a context-using bank also gets row tokens).
 
     `slice_counts` (eager PyTorch): the rows are contiguous per-expert slices of these
-    lengths, run by `backend_fast_paths.run_experts_on_slices`.
+    lengths, run by `backend_fast_paths.run_experts_on_slices`. `expert_blocks`: a
+    `grouped_matmul.ExpertBlocks` for a bank with `supports_expert_blocks`.
     """
     context = layer.experts.prepare_context(inputs, mask)
     extra = {} if context is None else {"context": context, "row_token": plan.row_token}
     if slice_counts is not None:
         return run_experts_on_slices(layer.experts, expert_inputs, slice_counts, training, **extra)
+    if expert_blocks is not None:
+        extra["expert_blocks"] = expert_blocks
     return layer.experts(expert_inputs, group_expert=plan.group_expert, training=training, **extra)
 
 

@@ -1,0 +1,197 @@
+"""Block-grouped matmul: row blocks times the stacked weights of each block's expert.
+
+Rows arrive as blocks `[G, b, a]`, each block owned by one expert, the blocks of an
+expert consecutive (the layout of `dispatch.plan_dropless_dispatch`). The product is
+
+    out[g] = x[g] @ w[owner(g)]        w: `[E, a, c]` stacked expert weights
+
+computed by a loop over the experts that own blocks, and inside it a loop over their
+blocks. The loop reads one expert's weights at a time: under XLA a slice of a weight
+tensor is a copy, so the temporaries hold one expert's matrix, never one per block
+(gathering `w[group_expert]` would hold G copies, and keep them for the backward pass).
+The gradient is written by hand with the same two loops, so autodiff never runs
+through a loop and keeps nothing per block: the backward pass reads each expert's
+weights once more and accumulates each expert's weight gradient in place.
+
+Every loop trip count is data-dependent (experts with no rows are skipped entirely,
+so a decoding step reads only the experts it routes to), which is why the loops are
+`while_loop`s: they compile under XLA on JAX and TensorFlow and run as Python loops in
+eager PyTorch.
+"""
+
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+
+class ExpertBlocks(NamedTuple):
+    """Which blocks of `[G, b, ...]` rows each expert owns.
+
+    Attributes:
+        block_start: `[E]` int32 first block of each expert.
+        block_count: `[E]` int32 blocks of each expert (0 for an expert with no rows).
+        touched: `[E]` int32 experts with blocks first (ascending), then the others.
+        num_touched: Scalar int32, experts with at least one block.
+    """
+
+    block_start: object
+    block_count: object
+    touched: object
+    num_touched: object
+
+
+def expert_blocks(rows_per_expert, block_size):
+    """The `ExpertBlocks` of experts holding `rows_per_expert [E]` rows in blocks of `block_size`.
+
+    Expert e's rows are padded to whole blocks and the experts' blocks follow each
+    other in expert order (`dispatch.plan_dropless_dispatch`'s layout).
+    """
+    counts = ops.cast(rows_per_expert, "int32")
+    block_count = (counts + block_size - 1) // block_size  # [E]
+    block_start = ops.cumsum(block_count) - block_count  # [E]
+    num_experts = counts.shape[0]
+    # Unique keys: idle experts sort after the touched ones, each group in expert order.
+    key = ops.where(block_count > 0, 0, num_experts) + ops.arange(num_experts, dtype="int32")
+    touched = ops.cast(ops.argsort(key), "int32")
+    num_touched = ops.sum(ops.cast(block_count > 0, "int32"))
+    return ExpertBlocks(block_start, block_count, touched, num_touched)
+
+
+def _block(x, g):
+    """Block `g` of `[G, b, a]` as `[b, a]` (a dynamic slice)."""
+    return ops.slice(x, (g, 0, 0), (1,) + tuple(x.shape[1:]))[0]
+
+
+def _put_block(x, g, value):
+    """`x [G, b, a]` with block `g` replaced by `value [b, a]`."""
+    return ops.slice_update(x, (g, 0, 0), ops.expand_dims(value, 0))
+
+
+def _expert(w, e, dtype):
+    """Expert `e`'s matrix `[a, c]` of the stacked `w [E, a, c]`, cast to `dtype`."""
+    return ops.cast(ops.slice(w, (e, 0, 0), (1,) + tuple(w.shape[1:]))[0], dtype)
+
+
+def _loop_experts(blocks, expert_body, state):
+    """`state = expert_body(e, state)` for every expert e that owns blocks."""
+
+    def cond(i, state):
+        return i < blocks.num_touched
+
+    def body(i, state):
+        expert = ops.take(blocks.touched, i)
+        return i + 1, expert_body(expert, state)
+
+    return ops.while_loop(cond, body, (ops.convert_to_tensor(0, "int32"), state))[1]
+
+
+def _loop_blocks(blocks, expert, block_body, state):
+    """`state = block_body(g, state)` for each block g of `expert`."""
+    first = ops.take(blocks.block_start, expert)
+    count = ops.take(blocks.block_count, expert)
+
+    def cond(j, state):
+        return j < count
+
+    def body(j, state):
+        return j + 1, block_body(first + j, state)
+
+    return ops.while_loop(cond, body, (ops.convert_to_tensor(0, "int32"), state))[1]
+
+
+def _forward(x, ws, blocks):
+    """`[x[g] @ w[owner(g)] for w in ws]`, each `[G, b, c_i]`."""
+
+    def expert_body(expert, outs):
+        w_es = [_expert(w, expert, x.dtype) for w in ws]  # [a, c_i]: the weight copies in flight
+
+        def block_body(g, outs):
+            x_g = _block(x, g)
+            return tuple(_put_block(out, g, ops.matmul(x_g, w_e)) for out, w_e in zip(outs, w_es))
+
+        return _loop_blocks(blocks, expert, block_body, outs)
+
+    outs = tuple(ops.zeros(tuple(x.shape[:2]) + (w.shape[-1],), dtype=x.dtype) for w in ws)
+    return _loop_experts(blocks, expert_body, outs)
+
+
+def _backward(x, ws, blocks, upstreams):
+    """`(d x [G, b, a], [d w [E, a, c_i]])` of `_forward` for the cotangents `upstreams [G, b, c_i]`.
+
+    The weights sharing `x` add their input gradients into one `[G, b, a]` buffer.
+    """
+    dtype = upstreams[0].dtype
+
+    def expert_body(expert, grads):
+        grad_x, grad_ws = grads
+        w_es = [_expert(w, expert, dtype) for w in ws]  # [a, c_i]
+
+        def block_body(g, carry):
+            grad_x, grad_w_es = carry
+            x_g = ops.transpose(_block(x, g))  # [a, b]
+            dys = [_block(upstream, g) for upstream in upstreams]  # [b, c_i]
+            grad_x_g = sum(ops.matmul(dy, ops.transpose(w_e)) for dy, w_e in zip(dys, w_es))
+            grad_x = _put_block(grad_x, g, grad_x_g)
+            grad_w_es = tuple(acc + ops.matmul(x_g, dy) for acc, dy in zip(grad_w_es, dys))
+            return grad_x, grad_w_es
+
+        grad_w_es = tuple(ops.zeros(tuple(w.shape[1:]), dtype=dtype) for w in ws)
+        grad_x, grad_w_es = _loop_blocks(blocks, expert, block_body, (grad_x, grad_w_es))
+        grad_ws = tuple(
+            ops.slice_update(grad_w, (expert, 0, 0), ops.expand_dims(ops.cast(grad_w_e, grad_w.dtype), 0))
+            for grad_w, grad_w_e in zip(grad_ws, grad_w_es)
+        )
+        return grad_x, grad_ws
+
+    grad_x = ops.zeros(tuple(x.shape), dtype=dtype)
+    grad_ws = tuple(ops.zeros(tuple(w.shape), dtype=w.dtype) for w in ws)
+    return _loop_experts(blocks, expert_body, (grad_x, grad_ws))
+
+
+def _read(w):
+    """The value of `w` (a variable or a tensor) as a plain tensor.
+
+    On TensorFlow `keras.ops.convert_to_tensor` passes a variable through, and a
+    `tf.custom_gradient` function that reads a variable must return that variable's
+    gradient separately; reading it first makes it an ordinary input.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(getattr(w, "value", w))
+    return ops.convert_to_tensor(w)
+
+
+def grouped_matmul(x, weights, blocks):
+    """`out[g] = x[g] @ w[owner(g)]` for each stacked `w` of `weights`, on the blocks each
+    expert owns (blocks no expert owns: zeros).
+
+    Args:
+        x: `[G, b, a]` row blocks.
+        weights: A tuple of stacked expert matrices `[E, a, c_i]` that all multiply `x`
+            (e.g. a GLU's gate and up kernels: the backward pass then sums their input
+            gradients in one buffer). Any dtype: a block's product casts its expert's
+            matrix to `x`'s dtype (e.g. int8 kernels); integer weights get no gradient.
+        blocks: `ExpertBlocks` of the G blocks.
+
+    Returns:
+        A tuple of `[G, b, c_i]` in `x`'s dtype, one per weight.
+    """
+    weights = tuple(_read(w) for w in weights)
+    num_weights = len(weights)
+
+    @ops.custom_gradient
+    def product(x, *args):
+        ws, owned = args[:num_weights], ExpertBlocks(*args[num_weights:])
+
+        def grad(*grad_args, upstream=None):
+            upstreams = grad_args[0] if upstream is None else upstream
+            upstreams = tuple(upstreams) if isinstance(upstreams, (tuple, list)) else (upstreams,)
+            grad_x, grad_ws = _backward(x, ws, owned, upstreams)
+            grad_ws = tuple(g if "float" in str(w.dtype) else None for g, w in zip(grad_ws, ws))
+            return (grad_x,) + grad_ws + (None,) * 4
+
+        return _forward(x, ws, owned), grad
+
+    return product(x, *weights, *blocks)
