@@ -120,15 +120,16 @@ def dropless_block_size(num_tokens, top_k, num_experts, block_size=None):
 
 
 def grouped_block_size(num_tokens, top_k, num_experts):
-    """Rows per block of the grouped plan: about a quarter of the mean rows per
-    expert T*k/E, a multiple of 8 in [8, MAX_DROPLESS_BLOCK].
+    """Rows per block of the grouped plan: a sixteenth of the mean rows per expert
+    T*k/E, a multiple of 8 in [8, MAX_DROPLESS_BLOCK].
 
-    The grouped plan reads each expert's weights once whatever the block size, so
-    blocks only trade padding (at most E*(b - 1) rows, here about T*k/4) against the
-    number of loop steps and the efficiency of a b-row matmul.
+    The grouped plan reads each expert's weights once per expert, not per block, so
+    the block size only trades the padding rows its buffers hold (at most E*(b - 1),
+    here about T*k/16: memory) against the number of loop steps (each a b-row
+    matmul, still compute-bound on CPU at b >= 32).
     """
-    eighth_group = num_tokens * top_k / (8 * num_experts)
-    return int(min(MAX_DROPLESS_BLOCK, round_up_rows(math.ceil(eighth_group))))
+    sixteenth_group = num_tokens * top_k / (16 * num_experts)
+    return int(min(MAX_DROPLESS_BLOCK, round_up_rows(math.ceil(sixteenth_group))))
 
 
 def expert_loads(expert_index, active, num_experts):

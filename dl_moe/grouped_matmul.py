@@ -59,12 +59,12 @@ def expert_blocks(rows_per_expert, block_size):
 
 
 def _block(x, g):
-    """Block `g` of `[G, b, a]` as `[b, a]` (a dynamic slice)."""
+    """Block `g` of `[G, b, a]` as `[b, a]` (a dynamic slice; also expert g of `[E, a, c]`)."""
     return ops.slice(x, (g, 0, 0), (1,) + tuple(x.shape[1:]))[0]
 
 
 def _put_block(x, g, value):
-    """`x [G, b, a]` with block `g` replaced by `value [b, a]`."""
+    """`x [G, b, a]` with block `g` replaced by `value [b, a]` (in place under XLA)."""
     return ops.slice_update(x, (g, 0, 0), ops.expand_dims(value, 0))
 
 
@@ -119,30 +119,28 @@ def _forward(x, ws, blocks):
 def _backward(x, ws, blocks, upstreams):
     """`(d x [G, b, a], [d w [E, a, c_i]])` of `_forward` for the cotangents `upstreams [G, b, c_i]`.
 
-    The weights sharing `x` add their input gradients into one `[G, b, a]` buffer.
+    The weights sharing `x` add their input gradients into one `[G, b, a]` buffer; each
+    block adds its weight gradient into its expert's slice of `d w` in place, so no
+    per-expert accumulator is held beside it.
     """
     dtype = upstreams[0].dtype
 
     def expert_body(expert, grads):
-        grad_x, grad_ws = grads
         w_es = [_expert(w, expert, dtype) for w in ws]  # [a, c_i]
 
-        def block_body(g, carry):
-            grad_x, grad_w_es = carry
+        def block_body(g, grads):
+            grad_x, grad_ws = grads
             x_g = ops.transpose(_block(x, g))  # [a, b]
             dys = [_block(upstream, g) for upstream in upstreams]  # [b, c_i]
             grad_x_g = sum(ops.matmul(dy, ops.transpose(w_e)) for dy, w_e in zip(dys, w_es))
             grad_x = _put_block(grad_x, g, grad_x_g)
-            grad_w_es = tuple(acc + ops.matmul(x_g, dy) for acc, dy in zip(grad_w_es, dys))
-            return grad_x, grad_w_es
+            grad_ws = tuple(
+                _put_block(grad_w, expert, _block(grad_w, expert) + ops.cast(ops.matmul(x_g, dy), grad_w.dtype))
+                for grad_w, dy in zip(grad_ws, dys)
+            )
+            return grad_x, grad_ws
 
-        grad_w_es = tuple(ops.zeros(tuple(w.shape[1:]), dtype=dtype) for w in ws)
-        grad_x, grad_w_es = _loop_blocks(blocks, expert, block_body, (grad_x, grad_w_es))
-        grad_ws = tuple(
-            ops.slice_update(grad_w, (expert, 0, 0), ops.expand_dims(ops.cast(grad_w_e, grad_w.dtype), 0))
-            for grad_w, grad_w_e in zip(grad_ws, grad_w_es)
-        )
-        return grad_x, grad_ws
+        return _loop_blocks(blocks, expert, block_body, grads)
 
     grad_x = ops.zeros(tuple(x.shape), dtype=dtype)
     grad_ws = tuple(ops.zeros(tuple(w.shape), dtype=w.dtype) for w in ws)
