@@ -14,6 +14,7 @@ from keras import ops
 
 from dl_moe import capacity_classes
 from dl_moe import dispatch as dispatch_lib
+from dl_moe import expert_parallel as expert_parallel_lib
 from dl_moe import export_compat
 from dl_moe import overflow as overflow_lib
 from dl_moe import statistics
@@ -65,7 +66,15 @@ def forward(layer, inputs, training, mask, router_inputs=None):
     if layer.config.scale_expert_inputs:
         dispatched, combine_weights = weight_expert_inputs(tokens, dispatch_weights, active)
     classes = choose_capacity_class(layer, dispatch_indices, active, training)
-    if classes is not None:
+    # Expert-parallel row (issue 28): token-sharded shard_map + all_to_all on JAX.
+    if expert_parallel_lib.expert_parallel_applies(layer, training, dispatch_indices.shape[0]):
+        capacity = expert_parallel_lib.group_capacity(
+            layer, dispatch_indices.shape[0], experts_per_token(layer, dispatch_indices), training
+        )
+        outputs, plan = expert_parallel_lib.run_expert_parallel(
+            layer, dispatched, combine_weights, dispatch_indices, active, training, capacity
+        )
+    elif classes is not None:
         outputs, plan = run_capacity_class(
             layer, classes, dispatched, combine_weights, dispatch_indices, active, inputs, mask, training
         )
