@@ -39,14 +39,16 @@ sharded on another mesh axis (`model_axis`); `overflow="reroute"`; a token count
 that is not static or not divisible by the number of token shards.
 """
 
+from typing import NamedTuple
+
 import keras
 from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
-from dl_moe.distribution import expert_axis_of
+from dl_moe.experts.base import ExpertBank
 
 
-class ExpertParallelPlan:
+class ExpertParallelPlan(NamedTuple):
     """What the statistics need of an expert-parallel call (`DispatchPlan`'s names).
 
     Attributes:
@@ -55,16 +57,9 @@ class ExpertParallelPlan:
         kept: `[T, k]` bool, the assignment was computed.
     """
 
-    def __init__(self, routed_per_expert, processed_per_expert, kept):
-        self.routed_per_expert = routed_per_expert
-        self.processed_per_expert = processed_per_expert
-        self.kept = kept
-
-    def _replace(self, **changes):
-        fields = {"routed_per_expert": self.routed_per_expert,
-                  "processed_per_expert": self.processed_per_expert, "kept": self.kept}
-        fields.update(changes)
-        return ExpertParallelPlan(**fields)
+    routed_per_expert: object
+    processed_per_expert: object
+    kept: object
 
 
 def mesh_axes(layer):
@@ -73,22 +68,22 @@ def mesh_axes(layer):
     The expert axis is the mesh axis sharding the bank's stacked weights' first
     dimension; the token axes are the distribution's batch axis followed by the expert
     axis (one name when they are the same axis). None when no distribution shards the
-    bank by expert, or the bank's weights are sharded on any other dimension.
+    bank by expert, or a bank weight is sharded on another dimension or axis
+    (replicated `[E, ...]` weights, e.g. an expert scale, are sliced locally).
     """
     distribution = keras.distribution.distribution()
     if distribution is None or getattr(distribution, "device_mesh", None) is None:
         return None
-    stacked = _stacked_weights(layer)
-    if not stacked:
+    sharded = {}
+    for weight in _stacked_weights(layer):
+        axes = tuple(getattr(distribution.get_variable_layout(weight), "axes", ()) or ())
+        if any(a is not None for a in axes):
+            if axes[0] is None or any(a is not None for a in axes[1:]):
+                return None
+            sharded[axes[0]] = weight
+    if len(sharded) != 1:
         return None
-    axis = expert_axis_of(stacked[0])
-    if axis is None:
-        return None
-    for weight in stacked:
-        layout = distribution.get_variable_layout(weight)
-        axes = tuple(getattr(layout, "axes", ()) or ())
-        if not axes or axes[0] != axis or any(a is not None for a in axes[1:]):
-            return None
+    (axis,) = sharded
     batch_axis = getattr(distribution, "batch_dim_name", None)
     token_axes = (axis,) if batch_axis in (None, axis) else (batch_axis, axis)
     return axis, token_axes
@@ -129,7 +124,7 @@ def expert_parallel_applies(layer, training, num_tokens):
     if config.overflow != "drop":
         return False
     bank = layer.experts
-    if getattr(bank, "token_layout", "token") != "token" or type(bank).prepare_context is not _base_prepare_context():
+    if bank.token_layout != "token" or type(bank).prepare_context is not ExpertBank.prepare_context:
         return False
     if training and getattr(bank, "dropout_rate", 0) > 0:
         return False
@@ -147,12 +142,6 @@ def _mesh_shape():
     """`{axis name: size}` of the active distribution's device mesh."""
     mesh = keras.distribution.distribution().device_mesh
     return dict(zip(mesh.axis_names, mesh.shape))
-
-
-def _base_prepare_context():
-    from dl_moe.experts.base import ExpertBank
-
-    return ExpertBank.prepare_context
 
 
 def token_shards(layer):

@@ -95,3 +95,19 @@ def test_layout_map_names_mesh_axes_and_shards_expert_weights():
     assert layout_map["moe/shared_experts/up_kernel"] is None
     with pytest.raises(ValueError, match=r"expert_axis='expert' is not an axis of the device mesh"):
         expert_parallel_layout_map(mesh)
+
+
+def test_expert_parallel_without_a_sharding_distribution_keeps_the_single_program_path():
+    """Every backend: no distribution (or another backend) → the plans of one device."""
+    from dl_moe.expert_parallel import expert_parallel_applies
+
+    import dl_moe
+
+    x = np.random.default_rng(0).normal(size=(4, 8, 16)).astype("float32")
+    outputs = {}
+    for flag in (False, True):
+        keras.utils.set_random_seed(0)
+        layer = dl_moe.create_ffn_moe(8, 16, top_k=2, intermediate_size=32, expert_parallel=flag, name="moe")
+        outputs[flag] = keras.ops.convert_to_numpy(layer(x, training=True))
+        assert not expert_parallel_applies(layer, True, 32)
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-6, atol=1e-6)
