@@ -8,7 +8,7 @@ per device: the collectives by kind with their bytes, XLA's temporaries
 (the layer is built inside a `StatelessScope` and the step is lowered on shapes), so
 real widths compile on a small machine.
 
-    python benchmarks/expert_parallel.py              # toy, gpt-oss-20b, qwen3-30b-a3b
+    python benchmarks/expert_parallel.py              # every case
     python benchmarks/expert_parallel.py --cases toy --before 106de0e \\
         --json docs/benchmarks/expert_parallel.json
 
@@ -59,6 +59,8 @@ class Case(NamedTuple):
 CASES = {
     # The toy case.
     "toy": Case("toy", 8, 2, 256, 512, 16, 128),
+    # Dropless: C = T/P rows per expert and device; the floor counts k·T/P rows (cf 1).
+    "toy-dropless": Case("toy-dropless", 8, 2, 256, 512, 16, 128, capacity_factor=1.0, drop_tokens=False),
     # GPT-OSS-20B's MoE widths, 8 sequences of 2048 tokens (compiled only).
     "gpt-oss-20b": Case("gpt-oss-20b", 32, 4, 2880, 2880, 8, 2048),
     # Qwen3-30B-A3B's: many small experts.
@@ -254,7 +256,7 @@ def markdown_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="toy,gpt-oss-20b,qwen3-30b-a3b", help=f"comma-separated, of {sorted(CASES)}")
+    parser.add_argument("--cases", default="toy,toy-dropless,gpt-oss-20b,qwen3-30b-a3b", help=f"comma-separated, of {sorted(CASES)}")
     parser.add_argument("--devices", default="2,4,8", help="device counts of the 1-D meshes")
     parser.add_argument("--before", default=None, help="git revision whose dl_moe gives the 'before' rows")
     parser.add_argument("--label", default="after")
