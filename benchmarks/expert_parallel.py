@@ -256,7 +256,9 @@ def markdown_table(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="toy,toy-dropless,gpt-oss-20b,qwen3-30b-a3b", help=f"comma-separated, of {sorted(CASES)}")
+    parser.add_argument(
+        "--cases", default="toy,toy-dropless,gpt-oss-20b,qwen3-30b-a3b", help=f"comma-separated, of {sorted(CASES)}"
+    )
     parser.add_argument("--devices", default="2,4,8", help="device counts of the 1-D meshes")
     parser.add_argument("--before", default=None, help="git revision whose dl_moe gives the 'before' rows")
     parser.add_argument("--label", default="after")
@@ -271,7 +273,8 @@ def main(argv=None):
         return 0
     if args.before:
         rows = before_rows(args.before, args) + rows
-    result = {"environment": environment(), "command": "python " + " ".join(["benchmarks/expert_parallel.py"] + (argv or sys.argv[1:])), "rows": rows}
+    command = " ".join(["python", "benchmarks/expert_parallel.py"] + list(argv or sys.argv[1:]))
+    result = {"environment": environment(), "command": command, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -219,8 +219,6 @@ def run_expert_parallel(layer, tokens, weights, indices, active, training, capac
         mesh=mesh,
         in_specs=(token_spec,) * 4 + (expert_spec,) * len(stacked),
         out_specs=(token_spec, PartitionSpec(), PartitionSpec(), token_spec),
-        # dispatch/combine's custom gradients do not annotate varying axes.
-        check_vma=False,
     )
     bank_values = [ops.convert_to_tensor(w.value) for w in stacked]
     outputs, routed, processed, kept = sharded(tokens, weights, indices, active, *bank_values)
@@ -235,7 +233,7 @@ class _local_bank_values:
     """
 
     def __init__(self, variables, values):
-        self.scope = keras.StatelessScope()
+        self.scope = keras.StatelessScope(initialize_variables=False)
         for variable, value in zip(variables, values):
             self.scope.state_mapping[id(variable)] = value
 
