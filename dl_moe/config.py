@@ -679,10 +679,13 @@ class MoEConfig(_CheckedConfig):
         scale_expert_inputs: Llama 4: the routing weight multiplies the token *before*
             its expert (expert(w * x)) and the expert's output is added unweighted,
             instead of w * expert(x). Needs top_k=1 with a token-choice router.
-        expert_parallel: Constrain the `[E, C, d]` capacity-mode dispatch buffers to the
-            mesh axis that shards the expert weights (see `dl_moe.distribution`), so
-            XLA moves tokens to their experts' devices with an all-to-all. Has an
-            effect only under a `keras.distribution` that shards the experts.
+        expert_parallel: Under a `keras.distribution` that shards the expert weights
+            by expert (`dl_moe.distribution`), keep the tokens sharded and move the
+            routed ones to their experts' devices and back with two all-to-alls
+            (JAX, token-choice routers: `dl_moe.expert_parallel`; capacity is then
+            per device, C = ceil(cf * T/P * k / E)). Elsewhere the `[E, C, d]`
+            buffers are only constrained to the expert axis. No effect without
+            such a distribution.
         overflow: What happens to an assignment past its expert's capacity (capacity
             mode): "drop" (it is not computed) or "reroute" (it moves to the token's
             next-best expert that still has room, see `dl_moe.overflow`; token-choice

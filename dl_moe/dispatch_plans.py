@@ -14,10 +14,13 @@ bank supports). `MoEConfig.dispatch="<name>"` runs that row instead, or raises a
 from their own modules (`register_plan`): eager PyTorch's slices in
 `dl_moe.backend_fast_paths`, JAX's expert parallelism in `dl_moe.expert_parallel`.
 
-The portable rows, in table order:
+The rows, in table order:
 
 | plan | runs (auto) | why |
 |---|---|---|
+| `expert_parallel` | JAX, `expert_parallel=True` under a distribution that shards the bank by expert | tokens stay sharded; two all-to-alls move only the routed rows (`dl_moe.expert_parallel`) |
+| `host_slices` | eager PyTorch, inference, at most 32 assignments, FFN banks | decode-sized batches planned on the host with numpy (`dl_moe.torch_eager_plans`) |
+| `slices` | eager PyTorch | per-expert slices over weight views: no padding rows, no weight copies |
 | `adaptive_capacity` | capacity mode, training, `adaptive_capacity` | the buffer size follows the measured load: a switch over a few static capacities |
 | `grouped` | dropless mode; and inference of at most `GROUPED_DECODE_ASSIGNMENTS` assignments in capacity mode; FFN banks | loops over the experts that have rows and reads each one's weights once; no weight copy per block, so memory is O(T·k·(d + h) + E·d·h) |
 | `blocks` | dropless mode, banks without block support (attention, conv, user banks) | every block gathers its expert's weights: simple, any bank |
@@ -56,6 +59,8 @@ class CallFacts:
         adaptive_capacity: `MoEConfig.adaptive_capacity`.
         expert_parallel: `MoEConfig.expert_parallel`.
         bank: The layer's expert bank (plans read its `supports_*` attributes).
+        layer: The `MixtureOfExperts` layer (the expert-parallel row reads how the
+            active distribution lays out its weights).
     """
 
     backend: str
@@ -67,6 +72,7 @@ class CallFacts:
     adaptive_capacity: bool
     expert_parallel: bool
     bank: object
+    layer: object
 
     @property
     def static_tokens(self):
@@ -169,6 +175,7 @@ def call_facts(layer, indices, training):
         adaptive_capacity=config.adaptive_capacity,
         expert_parallel=config.expert_parallel,
         bank=layer.experts,
+        layer=layer,
     )
 
 
@@ -303,7 +310,7 @@ class GroupedPlan(Plan):
     name = "grouped"
 
     def applies(self, facts):
-        if not facts.bank_supports("expert_blocks") or facts.expert_parallel:
+        if not facts.bank_supports("expert_blocks"):
             return False
         if not facts.drop_tokens:
             return True

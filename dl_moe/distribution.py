@@ -2,19 +2,38 @@
 
 Stacked expert weights `[E, ...]` are sharded along their expert axis over a device
 mesh axis, so each device holds E / n experts. With `MoEConfig(expert_parallel=True)`
-the layer also constrains its `[E, C, d]` dispatch buffers to that axis, and XLA
-inserts the all-to-all that moves each token to the device that owns its expert.
+a token-choice layer then runs `dl_moe.expert_parallel` on JAX: the tokens stay
+sharded over the batch axis and the expert axis (T / P per device), each device fills
+`[E, C, d]` capacity buffers from its own tokens, and two explicit all-to-alls over
+the expert axis move the routed rows to their experts' devices and back. The
+compiled training step's collectives per device are the four all-to-alls
+(2 × k·cf·T/P·d values forward, the same backward), the all-reduce of the replicated
+router's gradient, and, on a data × expert mesh, the all-reduce of the expert
+gradients over the data axis; nothing gathers the tokens
+(`benchmarks/expert_parallel.py`, docs/benchmarks/expert_parallel.md).
+
+Where that path does not apply (see `dl_moe.expert_parallel.expert_parallel_applies`:
+other backends, expert-choice and Soft MoE routers, attention experts, a `model_axis`,
+dropout in training, overflow rerouting, a token count the mesh does not divide), the
+layer only constrains its `[E, C, d]` buffers to the expert axis and XLA chooses the
+communication: in the benchmark it gathers every token to every device and
+all-reduces the output, which does not shrink as devices are added.
+
+With `batch_dim_name` equal to the expert axis (a 1-D mesh `("expert",)`), every
+device holds T / P tokens and E / P experts. On a `("batch", "expert")` mesh the
+input arrives sharded over "batch" only; the layer splits it over "expert" as well
+inside the expert-parallel region (a local slice, no communication).
 
 ```python
 import keras
 from dl_moe.distribution import expert_parallel_layout_map
 
-mesh = keras.distribution.DeviceMesh((2, 4), axis_names=("batch", "expert"),
+mesh = keras.distribution.DeviceMesh((8,), axis_names=("expert",),
                                      devices=keras.distribution.list_devices())
 layout_map = expert_parallel_layout_map(mesh, expert_axis="expert")
 keras.distribution.set_distribution(
-    keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch"))
-# build, compile and fit the model as usual
+    keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="expert"))
+# build (expert_parallel=True), compile and fit the model as usual
 ```
 """
 
@@ -79,7 +98,9 @@ def expert_axis_of(variable):
 def constrain_to_expert_axis(buffers, expert_weight):
     """Shards dispatch buffers `[E, C, ...]` like `expert_weight`'s expert axis.
 
-    A no-op when no distribution is set or the weight is not sharded by expert.
+    A no-op when no distribution is set or the weight is not sharded by expert. The
+    fallback of layers `dl_moe.expert_parallel` does not run: a constraint only, XLA
+    decides the communication.
     """
     axis = expert_axis_of(expert_weight)
     if axis is None:

@@ -43,9 +43,22 @@ def symbolic_ceil(size, ratio):
     return (size * ratio.numerator + ratio.denominator - 1) // ratio.denominator
 
 
+def _tokens_sharded():
+    """Whether a `keras.distribution` shards the batch on the JAX backend."""
+    if keras.backend.backend() != "jax":
+        return False
+    return keras.distribution.distribution() is not None
+
+
 def top_k(values, k):
-    """`ops.top_k(values, k)` (largest first along the last axis) that also exports."""
-    if not has_symbolic_shape(values) and not is_symbolic_dim(k):
+    """`ops.top_k(values, k)` (largest first along the last axis) that also exports.
+
+    Under a `keras.distribution` on JAX it sorts instead: XLA's SPMD partitioner does
+    not split TopK along the sharded token axis and all-gathers every token's values
+    first, while a sort along the last axis stays sharded. Both give the same values
+    and indices (ties: the lower index first).
+    """
+    if not has_symbolic_shape(values) and not is_symbolic_dim(k) and not _tokens_sharded():
         return ops.top_k(values, k)
     order = ops.argsort(-values, axis=-1)[..., :k]
     return ops.take_along_axis(values, order, axis=-1), order

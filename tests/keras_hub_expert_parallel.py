@@ -1,8 +1,9 @@
 """Trains a tiny sparsified keras-hub Mixtral on one device and expert-parallel.
 
 Run with KERAS_BACKEND=jax and XLA_FLAGS=--xla_force_host_platform_device_count=8;
-prints one JSON line with the per-step losses of both runs and the expert weights'
-sharding (used by tests/test_keras_hub.py).
+prints one JSON line with the per-step losses of both runs, the expert weights'
+sharding and whether the sharded forward exchanges tokens with all-to-all (used by
+tests/test_keras_hub.py).
 """
 
 import json
@@ -16,8 +17,9 @@ import numpy as np
 from dl_moe.integrations.keras_hub import expert_parallel_layout_map, moe_layers, sparsify
 
 STEPS = 4
-# Capacity mode (cf 2, nothing dropped at this size) so the [E, C, d] buffers are
-# constrained to the expert axis: XLA moves the tokens to their experts' devices.
+# Capacity mode, cf 2: each device's 8 tokens fit their experts' C = 8 rows, so
+# nothing drops and the losses equal one device's. The expert-parallel path moves
+# the routed tokens with all-to-alls (dl_moe.expert_parallel).
 OVERRIDES = dict(drop_tokens=True, train_capacity_factor=2.0)
 
 
@@ -43,6 +45,18 @@ def train(model, weights_path):
     return [float(np.ravel(model.train_on_batch(x, y))[0]) for _ in range(STEPS)]
 
 
+def lowered_forward(model):
+    """The StableHLO text of the model's training forward (lowered, not compiled)."""
+    import jax
+
+    rng = np.random.default_rng(1)
+    x = {"token_ids": rng.integers(1, 64, size=(8, 8)).astype("int32"), "padding_mask": np.ones((8, 8), bool)}
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=True)[0])
+    return forward.lower(trainable, non_trainable, x).as_text()
+
+
 def main(work_dir):
     weights_path = os.path.join(work_dir, "init.weights.h5")
     single = build(expert_parallel=False)
@@ -61,6 +75,7 @@ def main(work_dir):
     router = layer.gating_network.router_kernel
     result["router_shard_shape"] = list(router.value.sharding.shard_shape(router.value.shape))
     result["expert_parallel"] = train(parallel, weights_path)
+    result["all_to_all_in_forward"] = "all_to_all" in lowered_forward(parallel)
     print(json.dumps(result))
 
 

@@ -290,3 +290,4 @@ def test_expert_parallel_sparsified_model_trains_like_one_device(tmp_path):
     assert result["router_shard_shape"] == [16, 8]  # replicated
     np.testing.assert_allclose(result["expert_parallel"], result["single"], atol=1e-4)
     assert result["single"][-1] < result["single"][0]
+    assert result["all_to_all_in_forward"]

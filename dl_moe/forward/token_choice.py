@@ -9,6 +9,7 @@ token's k outputs) → losses and statistics.
 from keras import ops
 
 from dl_moe import dispatch_plans
+from dl_moe import expert_parallel  # noqa: F401  (adds JAX's expert-parallel row to the plan table)
 from dl_moe import export_compat
 from dl_moe import overflow as overflow_lib
 from dl_moe import statistics
