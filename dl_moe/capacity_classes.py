@@ -5,18 +5,12 @@ trace time. A capacity class is one such C. The layer compiles a few of them,
 C_i = expert_capacity(T, k, E, f_i), and `keras.ops.switch` runs the one the call
 needs. Only that branch computes, so the cost is that of the class it takes.
 
-Two uses (see `dl_moe.forward.token_choice`):
-
-* **Dropless classes** (`MoEConfig.dropless_classes`, dropless mode; by default in
-  inference only): the smallest class that holds this batch's largest expert load
-  runs as a capacity plan that drops nothing. A batch that no class holds runs the
-  dropless block plan. The result is exactly dropless either way, and a balanced
-  batch pays what the capacity plan pays (no per-block weight copies).
-* **Capacity that follows the load** (`MoEConfig.adaptive_capacity`, capacity mode,
-  training): the capacity factor is the smallest class factor at or above a moving
-  statistic of the measured maximum expert load, `capacity_load_factor`, clipped to
-  `[min_capacity_factor, max_capacity_factor]`. A balanced router runs small buffers;
-  one whose load is skewed gets larger ones, so few assignments are dropped.
+Adaptive capacity uses them (`MoEConfig.adaptive_capacity`, capacity mode, training;
+the `adaptive_capacity` row of `dl_moe.dispatch_plans`): the capacity factor is the
+smallest class factor at or above a moving statistic of the measured maximum expert
+load, `capacity_load_factor`, clipped to `[min_capacity_factor,
+max_capacity_factor]`. A balanced router runs small buffers; one whose load is skewed
+gets larger ones, so few assignments are dropped.
 """
 
 import keras
@@ -24,11 +18,7 @@ from keras import ops
 
 from dl_moe import dispatch as dispatch_lib
 
-# Capacity factors of the dropless classes (and the grid that adaptive capacity picks
-# from between its bounds). A router trained to balance sits at a largest load of
-# about 1.05-1.15 times the mean, hence the fine steps near 1; 2.0 holds a load twice
-# the mean, which covers a router still learning to balance.
-CLASS_FACTORS = (1.0, 1.1, 1.25, 1.5, 2.0)
+# The class factors adaptive capacity picks from between its bounds.
 ADAPTIVE_GRID = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
@@ -59,13 +49,6 @@ def adaptive_factors(min_factor, max_factor):
     """The class factors adaptive capacity uses: both bounds and `ADAPTIVE_GRID` between them."""
     inside = [f for f in ADAPTIVE_GRID if min_factor < f < max_factor]
     return sorted({min_factor, max_factor, *inside})
-
-
-def smallest_class_holding(max_load, capacities):
-    """Index of the first capacity >= `max_load` (a scalar int32 tensor);
-    `len(capacities)` when none holds it."""
-    below = ops.cast(ops.convert_to_tensor(capacities, "int32") < ops.cast(max_load, "int32"), "int32")
-    return ops.sum(below)
 
 
 def class_of_factor(load_factor, factors):

@@ -267,6 +267,7 @@ class _CheckedConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}.")
         names = cls._field_names()
+        data = {key: value for key, value in data.items() if key not in cls._retired_fields}
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ValueError(
@@ -277,6 +278,10 @@ class _CheckedConfig:
     @classmethod
     def _nested_from_dict(cls, data):
         return data
+
+    # Fields that earlier versions saved and this one no longer has; `from_dict`
+    # skips them so that their `.keras` files still load (see CHANGELOG.md).
+    _retired_fields = ()
 
 
 @dataclasses.dataclass
@@ -700,15 +705,6 @@ class MoEConfig(_CheckedConfig):
             during training without changing any weight shape (see
             `dl_moe.lifecycle`). Needs a router with `supports_expert_mask`
             ("linear", "rmsnorm_linear", "cosine", "top_p").
-        dropless_classes: Dropless mode with a static token count, compiled or traced
-            (not eager PyTorch, which sizes its buffers from the concrete load): the
-            call runs the capacity plan of the smallest of a few static capacities
-            (capacity factors 1, 1.1, 1.25, 1.5, 2) that holds the batch's largest expert
-            load, chosen at run time with `keras.ops.switch`, and the block plan when
-            none holds it. Exactly dropless either way. None (default): classes in
-            inference, the block plan in training; True: classes in both; False: the
-            block plan always. Each class is one more compiled branch (compile time
-            grows with them). See `dl_moe.capacity_classes`.
         adaptive_capacity: Capacity mode, training, static token count: the capacity
             factor follows the load instead of `train_capacity_factor`. It is the
             smallest class factor (the bounds, and 1, 1.25, 1.5, 2, 3, 4 between them)
@@ -752,7 +748,6 @@ class MoEConfig(_CheckedConfig):
     overflow: str = _field("drop", _one_of(OVERFLOW_MODES))
     reroute_attempts: Optional[int] = _field(None, _positive_int(optional=True))
     initial_active_experts: Optional[int] = _field(None, _positive_int(optional=True))
-    dropless_classes: Optional[bool] = _field(None, _optional_boolean)
     adaptive_capacity: bool = _field(False, _boolean)
     min_capacity_factor: float = _field(1.0, _positive_float())
     max_capacity_factor: float = _field(2.0, _positive_float())
@@ -974,6 +969,10 @@ class MoEConfig(_CheckedConfig):
         if self.gating_config.capacity_factor is not None:
             return self.gating_config.capacity_factor
         return self.train_capacity_factor if training else self.eval_capacity_factor
+
+    # `dropless_classes` (0.1) chose between dropless plans of equal outputs; the
+    # plan table (`dispatch`) replaced it.
+    _retired_fields = ("dropless_classes",)
 
     @classmethod
     def _nested_from_dict(cls, data):
