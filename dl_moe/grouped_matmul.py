@@ -112,7 +112,8 @@ def _forward(x, ws, blocks):
 
         return _loop_blocks(blocks, expert, block_body, outs)
 
-    outs = tuple(ops.zeros(tuple(x.shape[:2]) + (w.shape[-1],), dtype=x.dtype) for w in ws)
+    groups = ops.shape(x)[:2]  # G may be known only at run time (TF graphs)
+    outs = tuple(ops.zeros(tuple(groups) + (w.shape[-1],), dtype=x.dtype) for w in ws)
     return _loop_experts(blocks, expert_body, outs)
 
 
@@ -142,7 +143,7 @@ def _backward(x, ws, blocks, upstreams):
 
         return _loop_blocks(blocks, expert, block_body, grads)
 
-    grad_x = ops.zeros(tuple(x.shape), dtype=dtype)
+    grad_x = ops.zeros_like(x, dtype=dtype)
     grad_ws = tuple(ops.zeros(tuple(w.shape), dtype=w.dtype) for w in ws)
     return _loop_experts(blocks, expert_body, (grad_x, grad_ws))
 
@@ -184,7 +185,12 @@ def grouped_matmul(x, weights, blocks):
         ws, owned = args[:num_weights], ExpertBlocks(*args[num_weights:])
 
         def grad(*grad_args, upstream=None):
-            upstreams = grad_args[0] if upstream is None else upstream
+            # keras.ops.custom_gradient passes the cotangents of a tuple output as one
+            # tuple (JAX), one positional argument each (TF) or `upstream=` (torch).
+            if upstream is not None:
+                upstreams = upstream
+            else:
+                upstreams = grad_args[0] if len(grad_args) == 1 else grad_args
             upstreams = tuple(upstreams) if isinstance(upstreams, (tuple, list)) else (upstreams,)
             grad_x, grad_ws = _backward(x, ws, owned, upstreams)
             grad_ws = tuple(g if "float" in str(w.dtype) else None for g, w in zip(grad_ws, ws))

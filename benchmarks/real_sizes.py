@@ -1,0 +1,14 @@
+"""One MoE FFN layer at the widths of Mixtral, Qwen1.5-MoE, Qwen3-MoE and GPT-OSS.
+
+See `dl_moe/tools/real_sizes.py` for what each study measures; also
+`dl-moe bench --real-sizes`.
+
+    KERAS_BACKEND=jax python benchmarks/real_sizes.py --parts xla,keras_hub --json real_sizes_jax.json
+    KERAS_BACKEND=torch python benchmarks/real_sizes.py --parts torch,decode --json real_sizes_torch.json
+    KERAS_BACKEND=tensorflow python benchmarks/real_sizes.py --parts decode --json real_sizes_tf.json
+"""
+
+from dl_moe.tools.real_sizes import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""One MoE FFN layer at the widths of real models: memory, FLOPs and decode speed.
+
+Four configurations (d, h, E, k), float32, SwiGLU experts, `normalize_top_k=True`,
+random weights (no downloads):
+
+    Mixtral-8x7B        4096  14336    8  2
+    Qwen1.5-MoE-A2.7B   2048   1408   60  4
+    Qwen3-30B-A3B       2048    768  128  8
+    GPT-OSS-20B         2880   2880   32  4
+
+Each is compared with the dense-equivalent (a SwiGLU FFN of width k·h: the same
+active FLOPs) and keras-hub's all-experts block (every expert on every token).
+
+Studies (`--parts`):
+
+* `xla` (JAX; deterministic, nothing runs): XLA's temporaries and FLOPs of the
+  compiled training step (the gradient of the layer, T = 4096) and of inference at
+  T = 4096, 1 and 8, from `compiled.memory_analysis()` / `cost_analysis()`. XLA counts
+  a while-loop body once whatever its trip count, so the grouped plan's FLOPs are
+  also given as the matmul FLOPs of the rows it computes at most (`expert_gflops`).
+  The target of a sparse layer: temporaries <= 1.3 x (the dense-equivalent's + the
+  dispatched copies 3·T·k·d·4 bytes).
+* `torch`: peak resident memory of an eager PyTorch training step (T = 2048), one
+  fresh process per layer.
+* `decode` (every backend): wall time of the forward pass in inference at T = 1, 8
+  and 64, interleaved medians, as shares of the dense-equivalent's speed and of the
+  touched-experts limit: the larger of the dense-equivalent's time and the time of a
+  dense SwiGLU of width h x (experts this batch routes to), which reads each touched
+  expert's weights once.
+* `keras_hub` (JAX): one keras-hub Qwen3-MoE decoder layer at its real widths (a
+  one-layer backbone: hidden 2048, 128 experts of 768, k = 8, 32 query heads of 128,
+  4 KV heads, vocabulary 1,000), 8 x 512 tokens: XLA temporaries of a training step,
+  stock against `sparsify()` (dropless) and `sparsify(drop_tokens=True)`.
+
+    KERAS_BACKEND=jax python benchmarks/real_sizes.py --parts xla,keras_hub --json out.json
+    dl-moe bench --real-sizes --parts decode
+"""
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+
+from dl_moe import dispatch as dispatch_lib
+from dl_moe.dispatch_plans import GROUPED_DECODE_ASSIGNMENTS
+from dl_moe.tools import bench
+
+CONFIGS = {
+    "Mixtral-8x7B": (4096, 14336, 8, 2),
+    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8),
+    "GPT-OSS-20B": (2880, 2880, 32, 4),
+}
+CAPACITY_FACTOR = 1.25
+LAYER_KINDS = ("dense", "all_experts", "capacity", "dropless")
+XLA_CASES = (("train", 4096), ("infer", 4096), ("infer", 1), ("infer", 8))
+DECODE_TOKENS = (1, 8, 64)
+MIB = 2**20
+
+
+@dataclasses.dataclass
+class Widths:
+    name: str
+    hidden_dim: int
+    intermediate_size: int
+    num_experts: int
+    top_k: int
+
+
+def widths(name):
+    return Widths(name, *CONFIGS[name])
+
+
+def build_layer(w, kind):
+    """The `kind` layer ("dense", "all_experts", "capacity", "dropless") of widths `w`, unbuilt."""
+    if kind == "dense":
+        return bench.DenseSwiGLU(w.top_k * w.intermediate_size)
+    if kind == "all_experts":
+        return bench.AllExpertsSwiGLU(w.num_experts, w.intermediate_size, w.top_k)
+    case = bench.Case(
+        w.name, 0, w.hidden_dim, w.intermediate_size, w.num_experts, w.top_k,
+        CAPACITY_FACTOR, drop_tokens=(kind == "capacity"),
+    )
+    return bench.build_moe(case, normalize_top_k=True)
+
+
+def dispatched_copies_mib(w, tokens):
+    """3·T·k·d float32 values: the dispatched rows, their outputs and one gradient."""
+    return 3 * tokens * w.top_k * w.hidden_dim * 4 / MIB
+
+
+def expert_gflops(w, kind, tokens, training):
+    """Matmul GFLOPs of the expert rows a layer computes (at most, for dropless)."""
+    d, h, e, k = w.hidden_dim, w.intermediate_size, w.num_experts, w.top_k
+    per_row = 2 * 3 * d * h
+    if kind == "dense":
+        rows, per_row = tokens, 2 * 3 * d * k * h
+    elif kind == "all_experts":
+        rows = tokens * e
+    elif kind == "capacity" and (training or tokens * k > GROUPED_DECODE_ASSIGNMENTS):
+        rows = e * dispatch_lib.expert_capacity(tokens, k, e, CAPACITY_FACTOR)
+    else:  # the grouped plan (dropless, and decode-sized inference in capacity mode)
+        block = dispatch_lib.grouped_block_size(tokens, k, e)
+        rows = min(tokens * k + e * (block - 1), tokens * e)
+    return rows * per_row * (3 if training else 1) / 1e9
+
+
+def _jax_compiled(layer, tokens, d, training):
+    """The compiled JAX program (not run) of the layer's training step or inference call."""
+    import jax
+
+    layer.build((tokens, d))
+    spec = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+    trainable = [spec(v) for v in layer.trainable_variables]
+    non_trainable = [spec(v) for v in layer.non_trainable_variables]
+    x = jax.ShapeDtypeStruct((tokens, d), "float32")
+    if training:
+        fn = bench._jax_grad_fn(layer)
+    else:
+        fn = jax.jit(lambda tv, nv, x: layer.stateless_call(tv, nv, x, training=False)[0])
+    return fn.lower(trainable, non_trainable, x).compile()
+
+
+def xla_analysis(names=tuple(CONFIGS), cases=XLA_CASES, kinds=LAYER_KINDS):
+    """Rows of XLA's compile-time figures (JAX), one per (config, case, layer kind)."""
+    rows = []
+    for name in names:
+        w = widths(name)
+        for mode, tokens in cases:
+            training = mode == "train"
+            dense_temp = None
+            for kind in kinds:
+                keras.utils.set_random_seed(0)
+                compiled = _jax_compiled(build_layer(w, kind), tokens, w.hidden_dim, training)
+                cost = compiled.cost_analysis()
+                cost = cost[0] if isinstance(cost, list) else cost
+                temp = compiled.memory_analysis().temp_size_in_bytes / MIB
+                if kind == "dense":
+                    dense_temp = temp
+                row = {
+                    "config": name, "mode": mode, "tokens": tokens, "layer": kind,
+                    "temp_mib": round(temp, 1),
+                    "xla_gflops": round(cost.get("flops", 0.0) / 1e9, 2),
+                    "expert_gflops": round(expert_gflops(w, kind, tokens, training), 2),
+                }
+                if dense_temp is not None:
+                    target = 1.3 * (dense_temp + dispatched_copies_mib(w, tokens))
+                    row["target_mib"] = round(target, 1)
+                    row["vs_target"] = round(temp / target, 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del compiled
+                gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------ PyTorch memory
+
+
+def torch_peak_memory(names=tuple(CONFIGS), kinds=("dense", "capacity", "dropless"), tokens=2048):
+    """Peak resident-memory growth (MiB) of an eager PyTorch training step, one
+    fresh process per (config, layer)."""
+    rows = []
+    for name in names:
+        for kind in kinds:
+            out = subprocess.run(
+                [sys.executable, "-m", "dl_moe.tools.real_sizes", "--torch-child", name, kind, str(tokens)],
+                env={**os.environ, **bench.MEMORY_CHILD_ENV, "KERAS_BACKEND": "torch"},
+                capture_output=True, text=True, check=True,
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _torch_child(name, kind, tokens):
+    w = widths(name)
+    layer = build_layer(w, kind)
+    x = np.random.RandomState(0).standard_normal((tokens, w.hidden_dim)).astype("float32")
+    step = bench.make_train_step(layer, x)
+    step()
+    before = bench._proc_status_mb("VmRSS")
+    bench._reset_peak_rss()
+    step()
+    step()
+    peak = bench._proc_status_mb("VmHWM") - before
+    weights_mib = sum(math.prod(v.shape) for v in layer.trainable_variables) * 4 / MIB
+    print(json.dumps({"config": name, "layer": kind, "tokens": tokens, "peak_growth_mib": round(peak),
+                      "weight_gradients_mib": round(weights_mib)}))
+
+
+# ------------------------------------------------------------------ decode speed
+
+
+def decode_speed(names=tuple(CONFIGS), tokens=DECODE_TOKENS, repeats=7):
+    """Forward-pass wall time in inference at decode sizes, interleaved medians."""
+    rows = []
+    for name in names:
+        w = widths(name)
+        keras.utils.set_random_seed(0)
+        layers = {kind: build_layer(w, kind) for kind in ("dense", "capacity", "dropless", "all_experts")}
+        for layer in layers.values():
+            layer.build((None, w.hidden_dim))
+        layers["capacity"].set_weights(layers["dropless"].get_weights())
+        for count in tokens:
+            x = np.random.RandomState(count).standard_normal((count, w.hidden_dim)).astype("float32")
+            touched = int(np.unique(layers["dropless"].route(x)["indices"]).size)
+            limit = bench.DenseSwiGLU(w.intermediate_size * touched)
+            limit.build((None, w.hidden_dim))
+            steps = {kind: bench.make_inference_step(layer, x) for kind, layer in layers.items()}
+            steps["touched_limit"] = bench.make_inference_step(limit, x)
+            medians = bench.time_steps(steps, repeats=repeats)
+            limit_s = max(medians["dense"], medians["touched_limit"])
+            row = {"config": name, "tokens": count, "touched_experts": touched,
+                   **{f"{kind}_ms": round(s * 1e3, 3) for kind, s in medians.items()}}
+            for kind in ("capacity", "dropless", "all_experts"):
+                row[f"{kind}_vs_dense"] = round(medians["dense"] / medians[kind], 3)
+                row[f"{kind}_vs_limit"] = round(limit_s / medians[kind], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del steps, limit
+    return rows
+
+
+# ------------------------------------------------------------------ keras-hub layer
+
+
+def keras_hub_qwen3_layer(batch=8, seq=512):
+    """XLA temporaries (MiB) of a training step of one keras-hub Qwen3-MoE decoder
+    layer at real widths: stock, `sparsify()` and `sparsify(drop_tokens=True)`."""
+    import jax
+    import keras_hub
+
+    from dl_moe.integrations.keras_hub import sparsify
+
+    kwargs = dict(
+        vocabulary_size=1000, num_layers=1, num_query_heads=32, num_key_value_heads=4, head_dim=128,
+        hidden_dim=2048, intermediate_dim=6144, moe_intermediate_dim=768, num_experts=128, top_k=8,
+        norm_top_k_prob=True,
+    )
+    inputs = {
+        "token_ids": jax.ShapeDtypeStruct((batch, seq), "int32"),
+        "padding_mask": jax.ShapeDtypeStruct((batch, seq), "int32"),
+    }
+    rows = []
+    for label, overrides in (("stock", None), ("sparsify()", {}), ("sparsify(drop_tokens=True)", {"drop_tokens": True})):
+        keras.utils.set_random_seed(0)
+        backbone = keras_hub.models.Qwen3MoeBackbone(**kwargs)
+        if overrides is not None:
+            sparsify(backbone, **overrides)
+
+        def loss_fn(trainable, non_trainable, data, backbone=backbone):
+            out, _ = backbone.stateless_call(trainable, non_trainable, data, training=True)
+            return keras.ops.mean(keras.ops.square(out))
+
+        spec = lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)  # noqa: E731
+        trainable = [spec(v) for v in backbone.trainable_variables]
+        non_trainable = [spec(v) for v in backbone.non_trainable_variables]
+        compiled = jax.jit(jax.value_and_grad(loss_fn)).lower(trainable, non_trainable, inputs).compile()
+        row = {"model": label, "tokens": batch * seq, "temp_mib": round(compiled.memory_analysis().temp_size_in_bytes / MIB)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del backbone, compiled
+    stock = rows[0]["temp_mib"]
+    for row in rows:
+        row["vs_stock"] = round(row["temp_mib"] / stock, 3)
+    return rows
+
+
+PARTS = {"xla": xla_analysis, "torch": torch_peak_memory, "decode": decode_speed, "keras_hub": keras_hub_qwen3_layer}
+
+
+def add_arguments(parser):
+    parser.add_argument("--parts", default="xla,keras_hub,decode",
+                        help="Comma-separated studies: xla (JAX), keras_hub (JAX), torch (PyTorch), decode (any backend).")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"Comma-separated subset of {list(CONFIGS)}.")
+    parser.add_argument("--repeats", type=int, default=7, help="Timed runs per layer in the decode study.")
+    parser.add_argument("--json", help="Write the results and the environment to this JSON file.")
+
+
+def _commit():
+    """The checkout's short commit hash, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
+
+
+def run(args):
+    names = [n for n in args.configs.split(",") if n]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise ValueError(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}.")
+    results = {"environment": {**bench.environment(), "commit": _commit()}, "command": " ".join(sys.argv)}
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            raise ValueError(f"--parts: unknown {part!r}; choose from {list(PARTS)}.")
+        started = time.time()
+        if part == "keras_hub":
+            results[part] = PARTS[part]()
+        elif part == "decode":
+            results[part] = PARTS[part](names, repeats=args.repeats)
+        else:
+            results[part] = PARTS[part](names)
+        results[f"{part}_seconds"] = round(time.time() - started)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def main(argv=None):
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--torch-child"]:
+        _torch_child(argv[1], argv[2], int(argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
