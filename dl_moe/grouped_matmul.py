@@ -101,51 +101,58 @@ def _loop_blocks(blocks, expert, block_body, state):
 
 
 def _forward(x, ws, blocks):
-    """`[x[g] @ w[owner(g)] for w in ws]`, each `[G, b, c_i]`."""
+    """`[x[g] @ w[owner(g)] for w in ws]`, each `[G, b, c_i]`.
 
-    def expert_body(expert, outs):
-        w_es = [_expert(w, expert, x.dtype) for w in ws]  # [a, c_i]: the weight copies in flight
-
-        def block_body(g, outs):
-            x_g = _block(x, g)
-            return tuple(_put_block(out, g, ops.matmul(x_g, w_e)) for out, w_e in zip(outs, w_es))
-
-        return _loop_blocks(blocks, expert, block_body, outs)
-
+    One loop per weight, so a single expert matrix is in flight at a time.
+    """
     groups = ops.shape(x)[:2]  # G may be known only at run time (TF graphs)
-    outs = tuple(ops.zeros(tuple(groups) + (w.shape[-1],), dtype=x.dtype) for w in ws)
-    return _loop_experts(blocks, expert_body, outs)
+    outs = []
+    for w in ws:
+
+        def expert_body(expert, out, w=w):
+            w_e = _expert(w, expert, x.dtype)  # [a, c]: the one weight copy in flight
+
+            def block_body(g, out):
+                return _put_block(out, g, ops.matmul(_block(x, g), w_e))
+
+            return _loop_blocks(blocks, expert, block_body, out)
+
+        out = ops.zeros(tuple(groups) + (w.shape[-1],), dtype=x.dtype)
+        outs.append(_loop_experts(blocks, expert_body, out))
+    return tuple(outs)
 
 
 def _backward(x, ws, blocks, upstreams):
     """`(d x [G, b, a], [d w [E, a, c_i]])` of `_forward` for the cotangents `upstreams [G, b, c_i]`.
 
-    The weights sharing `x` add their input gradients into one `[G, b, a]` buffer; each
-    block adds its weight gradient into its expert's slice of `d w` in place, so no
-    per-expert accumulator is held beside it.
+    One loop per weight (one expert matrix in flight at a time); the weights sharing
+    `x` add their input gradients into one `[G, b, a]` buffer, and each block adds its
+    weight gradient into its expert's slice of `d w` in place, so no per-expert
+    accumulator is held beside it.
     """
     dtype = upstreams[0].dtype
-
-    def expert_body(expert, grads):
-        w_es = [_expert(w, expert, dtype) for w in ws]  # [a, c_i]
-
-        def block_body(g, grads):
-            grad_x, grad_ws = grads
-            x_g = ops.transpose(_block(x, g))  # [a, b]
-            dys = [_block(upstream, g) for upstream in upstreams]  # [b, c_i]
-            grad_x_g = sum(ops.matmul(dy, ops.transpose(w_e)) for dy, w_e in zip(dys, w_es))
-            grad_x = _put_block(grad_x, g, grad_x_g)
-            grad_ws = tuple(
-                _put_block(grad_w, expert, _block(grad_w, expert) + ops.cast(ops.matmul(x_g, dy), grad_w.dtype))
-                for grad_w, dy in zip(grad_ws, dys)
-            )
-            return grad_x, grad_ws
-
-        return _loop_blocks(blocks, expert, block_body, grads)
-
     grad_x = ops.zeros_like(x, dtype=dtype)
-    grad_ws = tuple(ops.zeros(tuple(w.shape), dtype=w.dtype) for w in ws)
-    return _loop_experts(blocks, expert_body, (grad_x, grad_ws))
+    grad_ws = []
+    for index, (w, upstream) in enumerate(zip(ws, upstreams)):
+
+        def expert_body(expert, grads, w=w, upstream=upstream, first=index == 0):
+            w_e = _expert(w, expert, dtype)  # [a, c]
+
+            def block_body(g, grads):
+                grad_x, grad_w = grads
+                dy = _block(upstream, g)  # [b, c]
+                grad_x_g = ops.matmul(dy, ops.transpose(w_e))
+                grad_x = _put_block(grad_x, g, grad_x_g if first else _block(grad_x, g) + grad_x_g)
+                grad_w_g = ops.cast(ops.matmul(ops.transpose(_block(x, g)), dy), grad_w.dtype)
+                grad_w = _put_block(grad_w, expert, _block(grad_w, expert) + grad_w_g)
+                return grad_x, grad_w
+
+            return _loop_blocks(blocks, expert, block_body, grads)
+
+        grad_w = ops.zeros(tuple(w.shape), dtype=w.dtype)
+        grad_x, grad_w = _loop_experts(blocks, expert_body, (grad_x, grad_w))
+        grad_ws.append(grad_w)
+    return grad_x, tuple(grad_ws)
 
 
 def _read(w):

@@ -333,3 +333,43 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def markdown_tables(results):
+    """Markdown tables of whichever studies `results` (the `--json` output) holds."""
+    out = []
+    if "xla" in results:
+        out.append("| config | step | T | dense-equivalent | all-experts | capacity 1.25 | dropless | target | dropless / target |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        rows = {}
+        for row in results["xla"]:
+            rows.setdefault((row["config"], row["mode"], row["tokens"]), {})[row["layer"]] = row
+        for (config, mode, tokens), by_kind in rows.items():
+            cells = [f"{by_kind[k]['temp_mib']:,.0f}" if k in by_kind else "–" for k in LAYER_KINDS]
+            target = by_kind.get("dropless", {}).get("target_mib")
+            ratio = by_kind.get("dropless", {}).get("vs_target")
+            out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.0f} | {ratio:.2f} |")
+        out.append("")
+    if "torch" in results:
+        out.append("| config | layer | T | peak growth MiB | of which weight gradients |")
+        out.append("|---|---|---|---|---|")
+        for row in results["torch"]:
+            out.append(f"| {row['config']} | {row['layer']} | {row['tokens']} | {row['peak_growth_mib']:,} | {row['weight_gradients_mib']:,} |")
+        out.append("")
+    if "decode" in results:
+        out.append("| config | T | touched experts | capacity vs dense | dropless vs dense | all-experts vs dense | capacity vs limit | dropless vs limit |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for row in results["decode"]:
+            out.append(
+                f"| {row['config']} | {row['tokens']} | {row['touched_experts']} | {row['capacity_vs_dense']:.2f} | "
+                f"{row['dropless_vs_dense']:.2f} | {row['all_experts_vs_dense']:.2f} | {row['capacity_vs_limit']:.2f} | "
+                f"{row['dropless_vs_limit']:.2f} |"
+            )
+        out.append("")
+    if "keras_hub" in results:
+        out.append("| Qwen3-MoE decoder layer, 8 × 512 tokens | training temporaries MiB | vs stock |")
+        out.append("|---|---|---|")
+        for row in results["keras_hub"]:
+            out.append(f"| {row['model']} | {row['temp_mib']:,} | {row['vs_stock']:.2f} |")
+        out.append("")
+    return "\n".join(out)
