@@ -1,13 +1,15 @@
-"""Capacity classes: dropless classes and capacity that follows the load.
+"""Capacity classes (adaptive capacity) and the dropless plans under skewed loads.
 
-The references are numpy (`tests.reference`): a dropless layer must equal the
-reference MoE with no capacity whichever class it runs, and an adaptive-capacity
-layer must equal the reference with the capacity of the class its load statistic
-picks (the factor is written in the test, not read from the code).
+The references are numpy (`tests.reference`): an adaptive-capacity layer must equal
+the reference with the capacity of the class its load statistic picks (the factor is
+written in the test, not read from the code), and the two dropless plans, `grouped`
+(`dl_moe.grouped_matmul`, a hand-written gradient) and `blocks` (gathered weights,
+autodiff), must equal the reference with no capacity, and each other's gradients,
+eager and compiled, with balanced loads and with every token on two experts (six
+idle experts the grouped loops skip).
 
-Eager PyTorch normally sizes dropless buffers from the concrete load (per-expert
-slices) and never runs the classes; these tests switch the slices off there, so the
-`keras.ops.switch` path runs on all three backends.
+The dropless plans are asked for by name (`dispatch=`), so they run on all three
+backends, eager PyTorch included; "auto" runs adaptive capacity on all three.
 """
 
 import keras
@@ -25,11 +27,6 @@ from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
 D, H, E, K = 8, 12, 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _classes_on_every_backend(monkeypatch):
-    monkeypatch.setattr(token_choice, "torch_eager_slices_enabled", lambda: False)
-
-
 def randomized_layer(x, **kwargs):
     kwargs = {"num_experts": E, "top_k": K, "ffn_type": "swiglu", "use_bias": False, **kwargs}
     return randomized_ffn_moe(x, hidden_dim=D, intermediate_size=H, **kwargs)
@@ -43,12 +40,6 @@ def test_class_capacities_by_hand():
     assert factors == [1.0, 1.25, 2.0]
     # T=4: every factor rounds to 8 rows (and no capacity exceeds T rounded up to 8).
     assert capacity_classes.class_capacities(4, 2, 8, (1.0, 2.0)) == ([8], [1.0])
-
-
-@pytest.mark.parametrize("max_load, expected", [(0, 0), (16, 0), (17, 1), (24, 1), (32, 2), (33, 3)])
-def test_smallest_class_holding(max_load, expected):
-    index = capacity_classes.smallest_class_holding(ops.convert_to_tensor(max_load, "int32"), [16, 24, 32])
-    assert int(ops.convert_to_numpy(index)) == expected
 
 
 def test_adaptive_factors_and_class_of_factor():
@@ -65,47 +56,6 @@ def skewed_tokens(num_tokens, seed=0):
     return (base + 1e-3 * rng.normal(size=(num_tokens, D))).astype("float32")
 
 
-@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
-def test_dropless_classes_match_the_reference_and_the_block_plan(skewed):
-    num_tokens, num_experts = 24, 8
-    x = skewed_tokens(num_tokens) if skewed else np.random.default_rng(0).normal(size=(num_tokens, D)).astype("float32")
-    with_classes = randomized_layer(x, num_experts=num_experts, drop_tokens=False, dropless_classes=True)
-    blocks = randomized_layer(x, num_experts=num_experts, drop_tokens=False, dropless_classes=False)
-
-    indices = np.asarray(with_classes.route(x)["indices"])
-    max_load = np.bincount(indices.reshape(-1), minlength=num_experts).max()
-    choice = token_choice.choose_capacity_class(
-        with_classes, ops.convert_to_tensor(indices), ops.ones(indices.shape, "bool"), training=True
-    )
-    # T*k/E = 6 rows an expert: factors 1, 1.1 and 1.25 round up to 8 rows, 1.5 and 2
-    # to 16; then the fallback for loads above 16 (up to T = 24): the block plan, or in
-    # TF training a class of T = 24 rows (the block plan's gradient does not compile in
-    # a TF switch). All 24 tokens on two experts fit neither of the first two classes.
-    fallback = 24 if BACKEND == "tensorflow" else None
-    assert choice.capacities == [8, 16, fallback]
-    expected_class = 2 if max_load > 16 else (0 if max_load <= 8 else 1)
-    assert int(ops.convert_to_numpy(choice.index)) == expected_class
-    assert (expected_class == 2) == skewed
-
-    ref = reference.token_choice_moe(
-        x, reference.weights_of(with_classes), num_experts=num_experts, top_k=K, ffn_type="swiglu", use_bias=False,
-    )
-    for layer in (with_classes, blocks):
-        out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
-        np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
-        stats = routing_counters(layer)
-        np.testing.assert_array_equal(stats["processed_tokens_per_expert"], ref["load"])
-        assert stats["dropped_tokens"] == 0
-
-    def loss_of(layer):
-        return lambda inputs: ops.sum(ops.square(layer(inputs, training=True)))
-
-    grads_classes = gradients(loss_of(with_classes), x, variables=with_classes.trainable_variables)
-    grads_blocks = gradients(loss_of(blocks), x, variables=blocks.trainable_variables)
-    for got, want in zip(grads_classes, grads_blocks):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
 def compiled_output(layer, x, training=True):
     """The layer's output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
     if BACKEND == "jax":
@@ -120,55 +70,6 @@ def compiled_output(layer, x, training=True):
 
         return tf.function(lambda x: layer(x, training=training), jit_compile=True)(x).numpy()
     return np.asarray(ops.convert_to_numpy(layer(x, training=training)))
-
-
-@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
-def test_dropless_classes_compiled_equal_eager(skewed):
-    x = skewed_tokens(40) if skewed else np.random.default_rng(3).normal(size=(40, D)).astype("float32")
-    layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=True)
-    eager = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
-    np.testing.assert_allclose(compiled_output(layer, x), eager, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "setting, classes_in_inference, classes_in_training",
-    [(None, True, False), (True, True, True), (False, False, False)],
-    ids=["default", "on", "off"],
-)
-def test_dropless_classes_setting_picks_the_plan_of_each_mode(
-    monkeypatch, setting, classes_in_inference, classes_in_training
-):
-    x = skewed_tokens(24, seed=6)
-    layer = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=setting)
-    calls = []
-    run_capacity_class = token_choice.run_capacity_class
-
-    def spy(*args, **kwargs):
-        calls.append(True)
-        return run_capacity_class(*args, **kwargs)
-
-    monkeypatch.setattr(token_choice, "run_capacity_class", spy)
-    ref = reference.token_choice_moe(
-        x, reference.weights_of(layer), num_experts=8, top_k=K, ffn_type="swiglu", use_bias=False,
-    )
-    for training, classes_expected in ((False, classes_in_inference), (True, classes_in_training)):
-        calls.clear()
-        out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
-        assert bool(calls) == classes_expected
-        np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5)
-        assert routing_counters(layer)["dropped_tokens"] == 0
-
-
-@pytest.mark.parametrize("num_tokens", [8, 40], ids=["one_class_of_T_rows", "classes_and_blocks"])
-@pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
-def test_default_dropless_inference_compiled_matches_the_reference(num_tokens, skewed):
-    rng = np.random.default_rng(num_tokens)
-    x = skewed_tokens(num_tokens, seed=2) if skewed else rng.normal(size=(num_tokens, D)).astype("float32")
-    layer = randomized_layer(x, num_experts=8, drop_tokens=False)
-    ref = reference.token_choice_moe(
-        x, reference.weights_of(layer), num_experts=8, top_k=K, ffn_type="swiglu", use_bias=False,
-    )
-    np.testing.assert_allclose(compiled_output(layer, x, training=False), ref["out"], rtol=1e-4, atol=1e-5)
 
 
 def compiled_training_gradients(layer, x):
@@ -194,17 +95,86 @@ def compiled_training_gradients(layer, x):
             return tape.gradient(loss, [v.value for v in layer.trainable_variables])
 
         return [tf.convert_to_tensor(g).numpy() for g in step(x)]
-    return gradients(lambda x: ops.sum(ops.square(layer(x, training=True))), x, variables=layer.trainable_variables)[1:]
+    return eager_training_gradients(layer, x)
 
 
+def eager_training_gradients(layer, x):
+    """Gradients of sum(outputs^2) w.r.t. the trainable weights, op by op (JAX: jax.grad)."""
+    loss = lambda inputs: ops.sum(ops.square(layer(inputs, training=True)))  # noqa: E731
+    return gradients(loss, x, variables=layer.trainable_variables)[1:]
+
+
+DROPLESS_PLANS = ("grouped", "blocks")
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["balanced", "all_on_two_experts"])
+def dropless_case(request):
+    """40 tokens on 8 experts, dropless: one layer per plan, the same weights, and the
+    numpy reference. Skewed: every token on the same two experts (loads 40, 40, 0...)."""
+    num_tokens, num_experts = 40, 8
+    x = skewed_tokens(num_tokens) if request.param else np.random.default_rng(8).normal(size=(num_tokens, D))
+    x = x.astype("float32")
+    layers = {
+        name: randomized_layer(x, num_experts=num_experts, drop_tokens=False, dispatch=name) for name in DROPLESS_PLANS
+    }
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(layers["blocks"]), num_experts=num_experts, top_k=K, ffn_type="swiglu", use_bias=False,
+    )
+    if request.param:
+        assert sorted(ref["load"])[-2:] == [num_tokens, num_tokens] and (ref["load"] == 0).sum() == num_experts - 2
+    return x, layers, ref
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_grouped_and_block_plans_match_the_reference(dropless_case, training):
+    x, layers, ref = dropless_case
+    for name, layer in layers.items():
+        indices = ops.convert_to_tensor(np.asarray(layer.route(x)["indices"]))
+        assert token_choice.choose_plan(layer, indices, training).name == name
+        layer.reset_routing_stats()
+        out = np.asarray(ops.convert_to_numpy(layer(x, training=training)))
+        np.testing.assert_allclose(out, ref["out"], rtol=1e-4, atol=1e-5, err_msg=name)
+        stats = routing_counters(layer)
+        np.testing.assert_array_equal(stats["processed_tokens_per_expert"], ref["load"], err_msg=name)
+        np.testing.assert_array_equal(stats["routed_tokens_per_expert"], ref["load"], err_msg=name)
+        assert stats["dropped_tokens"] == 0
+        np.testing.assert_allclose(compiled_output(layer, x, training), ref["out"], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.xfail(
+    BACKEND == "torch",
+    raises=TypeError,
+    strict=True,
+    reason="library bug: the grouped matmul of a GLU bank's two weights (one custom_gradient with two "
+    "outputs) has no torch backward: Keras's torch custom_gradient passes one upstream gradient",
+)
+def test_grouped_plan_gradients_equal_the_block_plan(dropless_case):
+    """Eager and compiled: the grouped plan's hand-written gradient equals autodiff
+    through the block plan's gathers."""
+    x, layers, _ = dropless_case
+    want = eager_training_gradients(layers["blocks"], x)
+    names = [v.path for v in layers["blocks"].trainable_variables]
+    for got in (
+        eager_training_gradients(layers["grouped"], x),
+        compiled_training_gradients(layers["grouped"], x),
+        compiled_training_gradients(layers["blocks"], x),
+    ):
+        assert len(got) == len(want)
+        for name, g, w in zip(names, got, want):
+            assert g is not None and np.abs(w).max() > 0, name
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("num_tokens", [8, 40])
 @pytest.mark.parametrize("skewed", [False, True], ids=["balanced", "all_on_two_experts"])
-def test_dropless_classes_compiled_gradients_equal_the_block_plan(skewed):
-    x = skewed_tokens(40) if skewed else np.random.default_rng(8).normal(size=(40, D)).astype("float32")
-    with_classes = randomized_layer(x, num_experts=8, drop_tokens=False, dropless_classes=True)
-    blocks = randomized_layer(x, num_experts=8, drop_tokens=False)
-    for got, want in zip(compiled_training_gradients(with_classes, x), compiled_training_gradients(blocks, x)):
-        assert got is not None
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+def test_default_dropless_inference_compiled_matches_the_reference(num_tokens, skewed):
+    rng = np.random.default_rng(num_tokens)
+    x = skewed_tokens(num_tokens, seed=2) if skewed else rng.normal(size=(num_tokens, D)).astype("float32")
+    layer = randomized_layer(x, num_experts=8, drop_tokens=False)
+    ref = reference.token_choice_moe(
+        x, reference.weights_of(layer), num_experts=8, top_k=K, ffn_type="swiglu", use_bias=False,
+    )
+    np.testing.assert_allclose(compiled_output(layer, x, training=False), ref["out"], rtol=1e-4, atol=1e-5)
 
 
 def adaptive_layer(x, **kwargs):
@@ -213,13 +183,21 @@ def adaptive_layer(x, **kwargs):
     )
 
 
+def adaptive_training_call(layer, x):
+    """`layer(x, training=True)`, which "auto" runs with the adaptive-capacity plan on
+    every backend (its row precedes eager PyTorch's slices)."""
+    indices = ops.convert_to_tensor(np.asarray(layer.route(x, training=True)["indices"]))
+    assert token_choice.choose_plan(layer, indices, True).name == "adaptive_capacity"
+    return layer(x, training=True)
+
+
 @pytest.mark.parametrize("load_factor, class_factor", [(0.7, 1.0), (1.1, 1.25), (1.6, 2.0), (9.0, 2.0)])
 def test_adaptive_capacity_runs_the_class_of_its_load_statistic(load_factor, class_factor):
     num_tokens = 48
     x = np.random.default_rng(4).normal(size=(num_tokens, D)).astype("float32")
     layer = adaptive_layer(x)
     layer.capacity_load_factor.assign(load_factor)
-    out = np.asarray(ops.convert_to_numpy(layer(x, training=True)))
+    out = np.asarray(ops.convert_to_numpy(adaptive_training_call(layer, x)))
 
     cap = reference.capacity(num_tokens, K, E, class_factor)
     ref = reference.token_choice_moe(
@@ -243,7 +221,7 @@ def test_adaptive_capacity_only_in_training_and_state_survives_reset_and_save(tm
     assert float(ops.convert_to_numpy(layer.capacity_load_factor)) == 2.0  # starts at max_capacity_factor
     layer(x, training=False)
     assert float(ops.convert_to_numpy(layer.capacity_load_factor)) == 2.0  # inference leaves it alone
-    layer(x, training=True)
+    adaptive_training_call(layer, x)
     moved = float(ops.convert_to_numpy(layer.capacity_load_factor))
     assert moved != 2.0
     assert layer.get_routing_stats()["capacity_load_factor"] == pytest.approx(moved)
@@ -268,10 +246,10 @@ def test_adaptive_capacity_follows_a_skewed_router_and_drops_less():
     layer = randomized_layer(
         x, adaptive_capacity=True, min_capacity_factor=1.0, max_capacity_factor=4.0, capacity_decay=0.5
     )
-    fixed = randomized_layer(x, train_capacity_factor=1.0)
+    fixed = randomized_layer(x, train_capacity_factor=1.0, dispatch="capacity")
     layer.capacity_load_factor.assign(1.0)
     for _ in range(6):
-        layer(x, training=True)
+        adaptive_training_call(layer, x)
     fixed(x, training=True)
     load = routing_counters(layer)["routed_tokens_per_expert"]
     measured = load.max() / load.mean()  # six identical calls: the same load each time

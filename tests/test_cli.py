@@ -147,29 +147,32 @@ def test_bench_inference_times_each_token_count_and_plan(capsys, monkeypatch, tm
     argv = ["bench", "--inference", "--tokens", "1,64", "--repeats", "1", "--compare-plans", "--output", str(out_file)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    # T=1 (2 assignments): eager PyTorch plans on the host, XLA takes the gathered plan.
+    # The plan "auto" runs (dl_moe.dispatch_plans): T=1 (2 assignments) is a decode
+    # batch, planned on the host in eager PyTorch and grouped under XLA; at T=64 (128
+    # assignments) eager PyTorch runs its slices, XLA capacity buffers or (dropless)
+    # the grouped plan.
     eager_torch = keras.backend.backend() == "torch"
-    small_batch = "host slices" if eager_torch else "gathered"
-    # T=64 dropless: compiled inference runs capacity classes; eager PyTorch sizes its
-    # buffers from the concrete load.
-    dropless = "dropless" if eager_torch else "classes"
-    assert f"| 1 | cf=1 | {small_batch} |" in printed and f"| 64 | dropless | {dropless} |" in printed
+    decode = "host_slices" if eager_torch else "grouped"
+    capacity = "slices" if eager_torch else "capacity"
+    dropless = "slices" if eager_torch else "grouped"
+    assert f"| 1 | cf=1 | {decode} |" in printed and f"| 64 | dropless | {dropless} |" in printed
     import json
 
     rows = json.loads(out_file.read_text())["inference"]
     assert [(r["T"], r["mode"], r["plan"]) for r in rows] == [
-        (1, "cf=1", small_batch), (1, "dropless", small_batch), (64, "cf=1", "capacity"), (64, "dropless", dropless)
+        (1, "cf=1", decode), (1, "dropless", decode), (64, "cf=1", capacity), (64, "dropless", dropless)
     ]
     for r in rows:
         assert r["vs_dense"] == pytest.approx(r["dense_ms"] / r["moe_ms"])
         assert r["vs_all_experts"] == pytest.approx(r["all_experts_ms"] / r["moe_ms"])
-        # The buffered plan is timed only where a small-batch plan replaces it.
-        assert ("small_batch_speedup" in r) == (r["plan"] == small_batch)
-        # The block plan is timed beside the classes, and only there.
-        assert ("blocks_ms" in r) == (r["plan"] == "classes")
         assert ("max_load_factor" in r) == (r["mode"] == "dropless")
-        if "blocks_ms" in r:
-            assert r["classes_speedup"] == pytest.approx(r["blocks_ms"] / r["moe_ms"])
+        # Every plan that can run the case is timed, the auto choice first (its time is moe_ms).
+        portable = ["grouped", "capacity" if r["mode"] == "cf=1" else "blocks"]
+        eager = (["host_slices"] if r["T"] == 1 else []) + ["slices"] if eager_torch else []
+        assert list(r["plans_ms"])[0] == r["plan"] and r["plans_ms"][r["plan"]] == r["moe_ms"]
+        assert sorted(r["plans_ms"]) == sorted(portable + eager)
+        assert all(ms > 0 for ms in r["plans_ms"].values())
+        assert f"{r['plan']} {r['moe_ms']:.3f}" in printed
 
 
 def test_bench_max_load_factor_of_a_batch_on_two_experts():

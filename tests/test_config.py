@@ -53,8 +53,8 @@ def test_nested_dicts_are_accepted():
         (lambda v: MoEConfig(eval_capacity_factor=v), "eval_capacity_factor", float("inf"), "finite"),
         (lambda v: MoEConfig(routing_dtype=v), "routing_dtype", "int8", "['float32', 'bfloat16', 'float16']"),
         (lambda v: MoEConfig(jitter_noise=v), "jitter_noise", 1.5, "[0, 1)"),
-        (lambda v: MoEConfig(dropless_classes=v), "dropless_classes", "inference", "True, False or None"),
-        (lambda v: MoEConfig(dropless_classes=v), "dropless_classes", 1, "True, False or None"),
+        (lambda v: MoEConfig(dispatch=v), "dispatch", "nope", "['auto', "),
+        (lambda v: MoEConfig(dispatch=v), "dispatch", "gathered", "'grouped'"),
     ],
 )
 def test_invalid_fields_name_field_value_and_allowed(factory, field, value, allowed):

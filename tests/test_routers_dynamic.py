@@ -8,7 +8,7 @@ import pytest
 from keras import ops
 
 import dl_moe
-from dl_moe.forward import token_choice
+from dl_moe import dispatch, dispatch_plans
 from tests.layer_checks import BACKEND
 
 E, D = 8, 16
@@ -82,8 +82,7 @@ def test_conditional_head_learns_and_easy_tokens_use_fewer_experts():
     assert layer.route(x)["active"].sum(-1).mean() < 2.0
 
 
-def test_capacity_is_sized_from_the_expected_k(monkeypatch):
-    monkeypatch.setattr("dl_moe.forward.token_choice.torch_eager_slices_enabled", lambda: False)  # [E, C] buffers
+def test_capacity_is_sized_from_the_expected_k():
     tokens, capacity_factor = 64, 1.25
     top2 = _layer("linear", top_k=2, train_capacity_factor=capacity_factor)
     top_p = _layer("top_p", expected_experts=1.3, train_capacity_factor=capacity_factor)
@@ -93,7 +92,8 @@ def test_capacity_is_sized_from_the_expected_k(monkeypatch):
     def rows(layer, k):
         indices = ops.zeros((tokens, k), "int32")
         active = ops.ones((tokens, k), "bool")
-        plan, _ = token_choice.choose_plan(layer, indices, active, training=True)
+        capacity = dispatch_plans.capacity_rows(layer, indices, training=True)
+        plan = dispatch.plan_capacity_dispatch(indices, active, layer.config.num_experts, capacity)
         return tuple(plan.row_token.shape)
 
     # C = ceil(1.25 * 64 * k / 8) rounded up to a multiple of 8.

@@ -15,13 +15,13 @@ Results are ratios measured in one process, so machine noise mostly cancels.
 `--inference` times the forward pass alone in inference mode instead (compiled on
 JAX and TensorFlow, eager under `torch.no_grad()` on PyTorch) at decode- to
 prefill-sized token counts (`--tokens`, default 1, 8, 64, 256, 4096), capacity mode
-and dropless, against the same two anchors; `--compare-plans` also times the layer
-with its small-batch plans (`small_batch_plan`: the gathered plan, and in eager
-PyTorch host-planned slices) switched off. `--compare-plans` also times the dropless
-cases on the same weights with the other dropless plan: in training with
-`dropless_classes=True` (the default there is the block plan), in compiled inference
-where no small-batch plan applies with `dropless_classes=False` (the default there
-is capacity classes).
+and dropless, against the same two anchors.
+
+Every result reports `plan`, the row of the dispatch plan table
+(`dl_moe.dispatch_plans`) that `MoEConfig.dispatch="auto"` runs for the case.
+`--compare-plans` also times, on the same weights, the layer under every other plan
+that can run the case (`MoEConfig.dispatch=<name>`; `plans_ms` maps each plan that
+can run it, the auto choice included, to its median ms).
 """
 
 import dataclasses
@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from dl_moe import backend_fast_paths, dispatch
+from dl_moe import dispatch_plans
 from dl_moe.factories import create_ffn_moe
 from dl_moe.forward import token_choice
 
@@ -135,45 +135,81 @@ def build_moe(case, **overrides):
     )
 
 
-def with_dropless_plan(case, moe, x, dropless_classes):
-    """The case's MoE layer with this `dropless_classes` setting and `moe`'s weights."""
+def with_plan(case, moe, x, plan):
+    """The case's MoE layer with `MoEConfig.dispatch=plan` and `moe`'s weights."""
     if not moe.built:
         moe.build(x.shape)
-    layer = build_moe(case, dropless_classes=dropless_classes)
+    layer = build_moe(case, dispatch=plan)
     layer.build(x.shape)
     layer.set_weights(moe.get_weights())
     return layer
 
 
-def classes_fields(medians):
-    """What the dropless plans' comparison timed, else nothing.
+def plans_of(case, moe, x, training):
+    """`(auto, runnable)`: the plan "auto" runs for the case's layer `moe` on `x`, and
+    every plan of the table that can run that call, in table order.
 
-    Training (`moe_classes`, classes on top of the default block plan):
-    `classes_ms`, `classes_vs_dense` and `classes_speedup` (block time over classes
-    time). Inference (`moe_blocks`, the block plan beside the default classes):
-    `blocks_ms`, `blocks_vs_dense` and `classes_speedup`.
+    Only the shapes of the routing decision matter to the choice (`CallFacts`).
     """
-    if "moe_classes" in medians:
-        return {
-            "classes_ms": medians["moe_classes"] * 1e3,
-            "classes_vs_dense": medians["dense"] / medians["moe_classes"],
-            "classes_speedup": medians["moe"] / medians["moe_classes"],
-        }
-    if "moe_blocks" in medians:
-        return {
-            "blocks_ms": medians["moe_blocks"] * 1e3,
-            "blocks_vs_dense": medians["dense"] / medians["moe_blocks"],
-            "classes_speedup": medians["moe_blocks"] / medians["moe"],
-        }
-    return {}
+    if not moe.built:
+        moe.build(x.shape)
+    indices = ops.zeros((case.tokens, case.top_k), "int32")
+    auto = token_choice.choose_plan(moe, indices, training).name
+    facts = dispatch_plans.call_facts(moe, indices, training)
+    runnable = [row.name for row in dispatch_plans.PLAN_TABLE if row.unavailable_reason(facts) is None]
+    return auto, runnable
+
+
+def other_plan_steps(case, moe, x, training, make_step):
+    """`({"plan:<name>": step}, {name: error})` for every plan but the auto choice that
+    can run the case (`plans_of`), each on a copy of `moe` with the same weights.
+
+    A plan whose first step raises is left out of the timing and reported with its
+    error (`plans_failed`), so one broken plan does not end the whole run.
+    """
+    auto, runnable = plans_of(case, moe, x, training)
+    steps, failed = {}, {}
+    for name in runnable:
+        if name == auto:
+            continue
+        step = make_step(with_plan(case, moe, x, name), x)
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 (reported in the results)
+            failed[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            continue
+        steps[f"plan:{name}"] = step
+    return steps, failed
+
+
+def plan_fields(auto, medians, failed=None):
+    """`plans_ms`: `{plan: ms}` of the auto choice (the "moe" step) and every other
+    plan timed (`other_plan_steps`), and `plans_failed` when some raised; nothing when
+    no other plan was tried."""
+    others = {name.split(":", 1)[1]: value * 1e3 for name, value in medians.items() if name.startswith("plan:")}
+    fields = {}
+    if others or failed:
+        fields["plans_ms"] = {auto: medians["moe"] * 1e3, **others}
+    if failed:
+        fields["plans_failed"] = dict(failed)
+    return fields
+
+
+def format_plans(result):
+    """`plans_ms` as "name ms, ..." (the auto choice first), or "–"."""
+    plans = result.get("plans_ms")
+    if not plans:
+        return "–"
+    timed = [f"{name} {ms:.3f}" for name, ms in plans.items()]
+    return ", ".join(timed + [f"{name} failed" for name in result.get("plans_failed", {})])
 
 
 def max_load_factor(moe, x):
     """The largest expert load over the mean load when `moe` routes `x` (1: balanced).
 
-    A compiled dropless call with capacity classes computes E rows for each row of its
-    class, whose capacity holds this largest load: 1/factor bounds its MoE/dense
-    against capacity 1.0's.
+    Buffers that drop nothing (e.g. eager PyTorch's dropless `[E, C]` buffers, sized
+    to the largest load) compute E rows for each row of that load: 1/factor bounds
+    their MoE/dense against capacity 1.0's.
     """
     decision = moe.route(x)
     loads = np.bincount(decision["indices"][decision["active"]], minlength=moe.config.num_experts)
@@ -302,89 +338,38 @@ def make_inference_step(layer, x):
     return step
 
 
-def small_batch_plan(case, moe):
-    """The small-batch plan the case's layer `moe` takes in inference, or None (buffered plans).
-
-    "host slices" (eager PyTorch, `backend_fast_paths.run_host_planned_slices`) or
-    "gathered" (`dispatch.plan_gathered_dispatch`).
-    """
-    if backend_fast_paths.host_planned_slices_apply(moe, case.tokens, case.top_k, training=False):
-        return "host slices"
-    if dispatch.gathered_dispatch_pays_off(case.tokens, case.top_k, case.num_experts):
-        return "gathered"
-    return None
-
-
-def runs_dropless_classes(case, moe, x):
-    """Whether the case's layer `moe` runs capacity classes in inference, as
-    `token_choice.choose_capacity_class` decides from the static shapes."""
-    if case.drop_tokens:
-        return False
-    if not moe.built:
-        moe.build(x.shape)
-    indices = ops.zeros((case.tokens, case.top_k), "int32")
-    active = ops.ones((case.tokens, case.top_k), "bool")
-    return token_choice.choose_capacity_class(moe, indices, active, training=False) is not None
-
-
-def without_small_batch_plans(step):
-    """`step` with the small-batch plans (host slices, gathered) switched off.
-
-    The switches are off during every call, so they hold when a compiled step traces
-    (its first call) and in every eager call.
-    """
-
-    def run():
-        rule, limit = dispatch.gathered_dispatch_pays_off, backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS
-        dispatch.gathered_dispatch_pays_off = lambda *args: False
-        backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS = 0
-        try:
-            return step()
-        finally:
-            dispatch.gathered_dispatch_pays_off, backend_fast_paths.MAX_HOST_PLANNED_ASSIGNMENTS = rule, limit
-
-    return run
-
-
 def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
     """Times the forward pass of the case's MoE layer and its two anchors in inference.
 
     Args:
-        compare_plans: Where a small-batch plan applies (`small_batch_plan`), also
-            time the layer with it switched off (`moe_buffered_ms`,
-            `small_batch_speedup`). Dropless, compiled, no small-batch plan: also
-            time the block plan (`dropless_classes=False`; `classes_fields`).
+        compare_plans: Also time the layer under every other plan that can run the
+            case, on the same weights (`plans_ms`, `plan_fields`).
 
     Returns:
         A dict of medians (ms) and ratios: `vs_dense` (dense-equivalent time over
         MoE time; 1 is the limit) and `vs_all_experts` (all-experts time over MoE
-        time), and `plan`, the dispatch plan the layer takes.
+        time), and `plan`, the dispatch plan "auto" runs.
     """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
     layers = build_layers(case)
     steps = {name: make_inference_step(layers[name], x) for name in ("moe", "dense", "all_experts")}
-    small_batch = small_batch_plan(case, layers["moe"])
-    if compare_plans and small_batch:
-        steps["moe_buffered"] = without_small_batch_plans(make_inference_step(layers["moe"], x))
-    classes = runs_dropless_classes(case, layers["moe"], x)
-    if compare_plans and classes:
-        blocks = with_dropless_plan(case, layers["moe"], x, dropless_classes=False)
-        steps["moe_blocks"] = make_inference_step(blocks, x)
+    auto, _ = plans_of(case, layers["moe"], x, training=False)
+    failed = {}
+    if compare_plans:
+        others, failed = other_plan_steps(case, layers["moe"], x, False, make_inference_step)
+        steps.update(others)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
-        "plan": small_batch or ("capacity" if case.drop_tokens else "classes" if classes else "dropless"),
+        "plan": auto,
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "all_experts_ms": medians["all_experts"] * 1e3,
         "vs_dense": medians["dense"] / medians["moe"],
         "vs_all_experts": medians["all_experts"] / medians["moe"],
     }
-    if "moe_buffered" in medians:
-        result["moe_buffered_ms"] = medians["moe_buffered"] * 1e3
-        result["small_batch_speedup"] = medians["moe_buffered"] / medians["moe"]
-    result.update(classes_fields(medians))
+    result.update(plan_fields(auto, medians, failed))
     if not case.drop_tokens:
         result["max_load_factor"] = max_load_factor(layers["moe"], x)
     return result
@@ -393,16 +378,13 @@ def run_inference_case(case, repeats=5, compare_plans=False, seed=0):
 def format_inference_table(results):
     """Markdown table of `run_inference_case` results."""
     lines = [
-        "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | buffered ms "
-        "| blocks MoE/dense |",
-        "|" + "---|" * 10,
+        "| T | mode | plan | MoE ms | dense ms | all-experts ms | MoE/dense | × all-experts | each plan ms |",
+        "|" + "---|" * 9,
     ]
     for r in results:
-        buffered = f"{r['moe_buffered_ms']:.3f}" if "moe_buffered_ms" in r else "–"
-        blocks = f"{r['blocks_vs_dense']:.2f}" if "blocks_vs_dense" in r else "–"
         lines.append(
             f"| {r['T']} | {r['mode']} | {r['plan']} | {r['moe_ms']:.3f} | {r['dense_ms']:.3f} | "
-            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {buffered} | {blocks} |"
+            f"{r['all_experts_ms']:.3f} | {r['vs_dense']:.2f} | {r['vs_all_experts']:.1f}× | {format_plans(r)} |"
         )
     return "\n".join(lines)
 
@@ -499,9 +481,9 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=Fa
     `[E, T*k/E, d]` rows (`experts_only`): the expert matmuls with no routing,
     dispatch or combine, i.e. the ceiling of the layer on this backend.
 
-    `compare_plans` (dropless cases): also times the layer with
-    `dropless_classes=True` (capacity classes instead of the block plan, same
-    weights; `classes_ms`, `classes_vs_dense`, `classes_speedup`).
+    Every result reports `plan`, the dispatch plan "auto" runs in training;
+    `compare_plans` also times the layer under every other plan that can run the
+    case, on the same weights (`plans_ms`, `plan_fields`).
     """
     keras.utils.set_random_seed(seed)
     x = case_inputs(case, seed)
@@ -509,11 +491,15 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=Fa
     names = ["moe", "dense"] + (["all_experts"] if include_all_experts else [])
     steps = {name: make_train_step(layers[name], x) for name in names}
     steps["experts_only"] = make_train_step(layers["moe"].experts, balanced_expert_rows(case, seed))
-    if compare_plans and not case.drop_tokens:
-        steps["moe_classes"] = make_train_step(with_dropless_plan(case, layers["moe"], x, dropless_classes=True), x)
+    auto, _ = plans_of(case, layers["moe"], x, training=True)
+    failed = {}
+    if compare_plans:
+        others, failed = other_plan_steps(case, layers["moe"], x, True, make_train_step)
+        steps.update(others)
     medians = time_steps(steps, repeats=repeats)
     result = {
         **case_fields(case),
+        "plan": auto,
         "moe_ms": medians["moe"] * 1e3,
         "dense_ms": medians["dense"] * 1e3,
         "vs_dense": medians["dense"] / medians["moe"],
@@ -523,7 +509,7 @@ def run_case(case, repeats=5, include_all_experts=True, seed=0, compare_plans=Fa
     if include_all_experts:
         result["all_experts_ms"] = medians["all_experts"] * 1e3
         result["vs_all_experts"] = medians["all_experts"] / medians["moe"]
-    result.update(classes_fields(medians))
+    result.update(plan_fields(auto, medians, failed))
     if not case.drop_tokens:
         result["max_load_factor"] = max_load_factor(layers["moe"], x)
     return result
@@ -646,16 +632,16 @@ def environment():
 
 def format_table(results):
     header = (
-        "| case | mode | T | E | k | h | MoE ms | dense ms | MoE/dense throughput | × all-experts "
-        "| experts only/dense | classes MoE/dense |"
+        "| case | mode | T | E | k | h | plan | MoE ms | dense ms | MoE/dense throughput | × all-experts "
+        "| experts only/dense | each plan ms |"
     )
-    lines = [header, "|" + "---|" * 12]
+    lines = [header, "|" + "---|" * 13]
     for r in results:
         all_experts = f"{r['vs_all_experts']:.1f}×" if "vs_all_experts" in r else "–"
-        classes = f"{r['classes_vs_dense']:.2f}" if "classes_vs_dense" in r else "–"
         lines.append(
-            f"| {r['case']} | {r['mode']} | {r['T']} | {r['E']} | {r['k']} | {r['h']} | {r['moe_ms']:.1f} | "
-            f"{r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} | {r['experts_only_vs_dense']:.2f} | {classes} |"
+            f"| {r['case']} | {r['mode']} | {r['T']} | {r['E']} | {r['k']} | {r['h']} | {r['plan']} | "
+            f"{r['moe_ms']:.1f} | {r['dense_ms']:.1f} | {r['vs_dense']:.2f} | {all_experts} | "
+            f"{r['experts_only_vs_dense']:.2f} | {format_plans(r)} |"
         )
     return "\n".join(lines)
 
@@ -719,9 +705,8 @@ def main(argv=None):
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="--inference: capacity factor")
     parser.add_argument(
         "--compare-plans", action="store_true",
-        help="also time the layer with its other plans: --inference, without the small-batch plans where they "
-        "apply and, compiled dropless, with dropless_classes=False (block plan); training, dropless cases with "
-        "dropless_classes=True (capacity classes)",
+        help="also time the layer under every other dispatch plan that can run each case (MoEConfig.dispatch), "
+        "on the same weights",
     )
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
