@@ -1,6 +1,7 @@
-"""Backend-specific fast paths. Each has a test that it equals the portable path.
+"""Eager PyTorch's fast paths, run by its rows of the plan table (`dl_moe.torch_eager_plans`).
 
-Two paths, both eager PyTorch only:
+Each has a test that it equals the portable plans (`tests/test_fast_paths.py`,
+`tests/test_small_batch.py`):
 * per-expert slices (training and large batches; below);
 * host-planned slices for decode-sized inference batches (at the end of the file).
 
@@ -148,8 +149,8 @@ def run_experts_on_slices(experts, expert_inputs, counts, training, **extra):
 # rows are then gathered, run as per-expert slices (views of each chosen expert's
 # weights, no copies) and combined with a handful of direct torch calls.
 
-# Most assignments T*k a call plans on the host. Measured against the buffered plans
-# (`dl-moe bench --inference --compare-plans`, E=8, k=2, d=256, h=512, two runs):
+# Most assignments T*k a call plans on the host. Measured against `[E, C]` buffers
+# (E=8, k=2, d=256, h=512, two runs of the inference benchmark):
 # 1.6-2.2x faster at T <= 2, 1.6x at T=4, 1.1-1.2x at T=8, 0.9-1.2x at T=16, and
 # slower at T=32 (0.95x). By then nearly every expert has rows, and one batched
 # matmul over [E, C] buffers beats E per-expert products.

@@ -20,8 +20,8 @@ The rows, in table order:
 |---|---|---|
 | `expert_parallel` | JAX, `expert_parallel=True` under a distribution that shards the bank by expert | tokens stay sharded; two all-to-alls move only the routed rows (`dl_moe.expert_parallel`) |
 | `host_slices` | eager PyTorch, inference, at most 32 assignments, FFN banks | decode-sized batches planned on the host with numpy (`dl_moe.torch_eager_plans`) |
-| `slices` | eager PyTorch | per-expert slices over weight views: no padding rows, no weight copies |
 | `adaptive_capacity` | capacity mode, training, `adaptive_capacity` | the buffer size follows the measured load: a switch over a few static capacities |
+| `slices` | eager PyTorch | per-expert slices over weight views: no padding rows, no weight copies |
 | `grouped` | dropless mode; and inference of at most `GROUPED_DECODE_ASSIGNMENTS` assignments in capacity mode; FFN banks | loops over the experts that have rows and reads each one's weights once; no weight copy per block, so memory is O(T·k·(d + h) + E·d·h) |
 | `blocks` | dropless mode, banks without block support (attention, conv, user banks) | every block gathers its expert's weights: simple, any bank |
 | `capacity` | capacity mode | `[E, C, d]` buffers, one batched matmul over the stacked weights, no copies |
@@ -260,19 +260,22 @@ def dropless_block(layer, indices, mean_rows_per_block=None):
 
 class AdaptiveCapacityPlan(Plan):
     """Capacity mode in training with `adaptive_capacity`: the class of capacity factor
-    at or above the moving load statistic, chosen at run time (`dl_moe.capacity_classes`)."""
+    at or above the moving load statistic, chosen at run time (`dl_moe.capacity_classes`).
+    Outside training adaptive capacity uses `eval_capacity_factor`: the capacity plan."""
 
     name = "adaptive_capacity"
 
     def applies(self, facts):
-        return facts.drop_tokens and facts.adaptive_capacity and facts.training and facts.static_tokens
+        return self.unavailable_reason(facts) is None and facts.training
 
     def unavailable_reason(self, facts):
-        if not self.applies(facts):
-            return "it needs capacity mode with adaptive_capacity=True, training and a static token count"
+        if not (facts.drop_tokens and facts.adaptive_capacity and facts.static_tokens):
+            return "it needs capacity mode with adaptive_capacity=True and a static token count"
         return None
 
     def run(self, call):
+        if not call.training:
+            return CapacityPlan().run(call)
         layer, config = call.layer, call.layer.config
         num_tokens, top_k = call.indices.shape[0], experts_per_token(layer, call.indices)
         factors = capacity_classes.adaptive_factors(config.min_capacity_factor, config.max_capacity_factor)

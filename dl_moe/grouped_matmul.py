@@ -185,6 +185,10 @@ def grouped_matmul(x, weights, blocks):
         A tuple of `[G, b, c_i]` in `x`'s dtype, one per weight.
     """
     weights = tuple(_read(w) for w in weights)
+    if len(weights) > 1 and keras.backend.backend() == "torch":
+        # Keras's torch custom_gradient passes a single upstream gradient, so each
+        # weight gets its own product there (the input gradients add up in autograd).
+        return tuple(grouped_matmul(x, (w,), blocks)[0] for w in weights)
     num_weights = len(weights)
 
     @ops.custom_gradient

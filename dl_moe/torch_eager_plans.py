@@ -11,7 +11,7 @@ gradients.
 | plan | runs (auto) |
 |---|---|
 | `host_slices` | inference of at most `MAX_HOST_PLANNED_ASSIGNMENTS` assignments, FFN banks: planned with numpy, a handful of torch calls |
-| `slices` | every other eager call: per-expert slices, or `[E, C]` buffers sized to the batch's largest load when slices would not pay |
+| `slices` | every other eager call (after the `adaptive_capacity` row, which takes adaptive capacity's training calls): per-expert slices, or `[E, C]` buffers sized to the batch's largest load when slices would not pay |
 """
 
 from dl_moe import backend_fast_paths as fast

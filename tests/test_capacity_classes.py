@@ -141,13 +141,6 @@ def test_grouped_and_block_plans_match_the_reference(dropless_case, training):
         np.testing.assert_allclose(compiled_output(layer, x, training), ref["out"], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.xfail(
-    BACKEND == "torch",
-    raises=TypeError,
-    strict=True,
-    reason="library bug: the grouped matmul of a GLU bank's two weights (one custom_gradient with two "
-    "outputs) has no torch backward: Keras's torch custom_gradient passes one upstream gradient",
-)
 def test_grouped_plan_gradients_equal_the_block_plan(dropless_case):
     """Eager and compiled: the grouped plan's hand-written gradient equals autodiff
     through the block plan's gathers."""

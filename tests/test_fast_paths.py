@@ -25,14 +25,6 @@ eager_torch_only = pytest.mark.skipif(
 )
 
 
-# Keras's torch `ops.custom_gradient` passes one upstream gradient, and the grouped
-# matmul of a GLU bank returns two products (gate, up): its backward fails in torch.
-grouped_glu_backward_fails_on_torch = pytest.mark.xfail(
-    BACKEND == "torch",
-    raises=TypeError,
-    strict=True,
-    reason="library bug: grouped_matmul of two weights (GLU) has no torch backward (one-output custom_gradient)",
-)
 
 
 def skewed_inputs(shape, seed=0):
@@ -87,7 +79,7 @@ def assert_same_results(portable, fast):
 
 @eager_torch_only
 @pytest.mark.parametrize(
-    "ffn_type, top_k", [pytest.param("swiglu", 2, marks=grouped_glu_backward_fails_on_torch), ("mlp", 1)]
+    "ffn_type, top_k", [("swiglu", 2), ("mlp", 1)]
 )
 def test_eager_slices_equal_the_dropless_plans(ffn_type, top_k):
     # 72 tokens on 2 of 8 experts (k=2; k=1: on 1): buffers of the largest load would
@@ -164,7 +156,6 @@ def test_eager_slices_equal_the_capacity_plan_with_buffers(ffn_type, top_k, capa
 
 
 @eager_torch_only
-@grouped_glu_backward_fails_on_torch
 def test_eager_slices_equal_the_capacity_plan_with_ragged_slices_and_drops():
     # 224 tokens (k=1) all on one of 8 experts, C = 56: the expert keeps 56 and drops
     # 168, the 7 idle experts' buffers would be padding, so `slices` cuts slices.
