@@ -290,3 +290,27 @@ def test_expert_parallel_sparsified_model_trains_like_one_device(tmp_path):
     assert result["router_shard_shape"] == [16, 8]  # replicated
     np.testing.assert_allclose(result["expert_parallel"], result["single"], atol=1e-4)
     assert result["single"][-1] < result["single"][0]
+
+
+def test_a_missing_family_leaves_the_others_working(monkeypatch):
+    import importlib
+    import sys
+
+    hidden = "keras_hub.src.models.gpt_oss.gpt_oss_decoder"
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if keras-hub had no GPT-OSS
+    try:
+        importlib.reload(integration)
+        assert "GPT-OSS" in integration.MISSING_FAMILIES
+        assert keras_hub.models.GptOssBackbone not in integration._FAMILIES
+        assert keras_hub.models.MixtralBackbone in integration._FAMILIES
+        backbone_cls, causal_lm_cls, kwargs = FAMILIES["mixtral"]
+        backbone = backbone_cls(vocabulary_size=VOCAB, num_layers=1, **kwargs)
+        sparse = integration.sparsify(causal_lm_cls(backbone=backbone, preprocessor=None))
+        assert integration.is_sparsified(sparse)
+        gpt_oss = FAMILIES["gpt_oss"]
+        with pytest.raises(ValueError, match="not a backbone of a supported keras-hub MoE family"):
+            integration.sparsify(gpt_oss[0](vocabulary_size=VOCAB, num_layers=1, **gpt_oss[2]))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(integration)
+    assert not integration.MISSING_FAMILIES
