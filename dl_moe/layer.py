@@ -210,12 +210,13 @@ class MixtureOfExperts(keras.layers.Layer):
             mask: Optional boolean mask of the leading axes.
 
         Returns:
-            dict of numpy arrays over the T flattened tokens:
-            * token-choice routers: `indices [T, k]`, `weights [T, k]`, `active [T, k]`
-              (False for unused dynamic-k slots and masked tokens) and `probs [T, E]`;
-            * "expert_choice": the same with k = E (`indices[t, e] = e`, `active[t, e]`:
-              expert e picked token t), plus `expert_tokens [E, C]` (T = empty slot);
-            * "softmoe": `weights`/`probs` `[B, S, E]` (combine weight per expert).
+            A dict of numpy arrays over the T flattened tokens. Token-choice routers
+            give `indices [T, k]`, `weights [T, k]`, `active [T, k]` (False for unused
+            dynamic-k slots and masked tokens) and `probs [T, E]`. "expert_choice"
+            gives the same with k = E (`indices[t, e] = e`; `active[t, e]`: expert e
+            picked token t) plus `expert_tokens [E, C]` (T marks an empty slot).
+            "softmoe" gives `weights` and `probs` `[B, S, E]` (the combine weight per
+            expert).
         """
         if not self.built:
             self.build(tuple(inputs.shape))

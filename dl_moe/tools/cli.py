@@ -55,9 +55,11 @@ def _parser():
     parser = _Parser(prog=PROG, description="Sparse Mixture-of-Experts layers for Keras 3.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,bench,presets}")
     demo = commands.add_parser("demo", help="train a small MoE classifier on scikit-learn's digits")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--output-dir", default="outputs")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument(
+        "--output-dir", default="outputs", help="folder for the saved model and the plots (default outputs)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and the initialisation (default 0)")
 
     compare = commands.add_parser(
         "compare", help="train the demo model (or, with --task lm, a byte-level language model) with several "
@@ -90,7 +92,7 @@ def _parser():
         "--learning-rate", type=float, default=None,
         help="lm only: peak learning rate of every model (default 2e-3, --quick 3e-3)",
     )
-    compare.add_argument("--output-dir", default="outputs")
+    compare.add_argument("--output-dir", default="outputs", help="folder for the CSV, JSON and plots (default outputs)")
 
     commands.add_parser(
         "bench", help="benchmark the MoE layer against the dense equivalent and the all-experts layer",
