@@ -354,6 +354,15 @@ class _CheckedConfig:
 class ExpertConfig(_CheckedConfig):
     """What each expert computes.
 
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, MixtureOfExperts, MoEConfig
+
+        experts = ExpertConfig(hidden_dim=16, intermediate_size=32, ffn_type="swiglu")
+        layer = MixtureOfExperts(MoEConfig(num_experts=4, expert_config=experts))
+        print(experts.resolved_intermediate_size)  # 32
+        ```
+
     Attributes:
         expert_type: Registered expert type; built-in: "ffn" (feed-forward experts,
             `FFNExpertBank`), "attention" (Mixture of Attention heads over `[B, S, d]`,
@@ -510,6 +519,16 @@ def _ensemble_members(owner, name, value):
 @dataclasses.dataclass
 class GatingConfig(_CheckedConfig):
     """How tokens are routed to experts.
+
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, GatingConfig, MixtureOfExperts, MoEConfig
+
+        router = GatingConfig(gating_type="linear", top_k=1, aux_loss_weight=0.01)
+        layer = MixtureOfExperts(
+            MoEConfig(num_experts=4, expert_config=ExpertConfig(hidden_dim=8), gating_config=router)
+        )
+        ```
 
     Attributes:
         gating_type: Registered router type; built-in (see `dl_moe.gating`):
@@ -690,6 +709,20 @@ class GatingConfig(_CheckedConfig):
 @dataclasses.dataclass
 class MoEConfig(_CheckedConfig):
     """The whole Mixture-of-Experts layer.
+
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, GatingConfig, MixtureOfExperts, MoEConfig
+
+        config = MoEConfig(
+            num_experts=4,
+            drop_tokens=False,  # dropless: every assignment is computed
+            expert_config=ExpertConfig(hidden_dim=8, intermediate_size=16),
+            gating_config=GatingConfig(top_k=2),
+        )
+        assert MoEConfig.from_dict(config.to_dict()) == config
+        layer = MixtureOfExperts(config)
+        ```
 
     Attributes:
         num_experts: Number of routed experts E.

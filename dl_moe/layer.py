@@ -48,6 +48,17 @@ class MixtureOfExperts(keras.layers.Layer):
     `entropy_loss_weight * router_entropy_loss` with `add_loss`; routing statistics
     accumulate in non-trainable variables (see `get_routing_stats` and
     `dl_moe.statistics`).
+
+    Example:
+        ```python
+        import numpy as np
+        from dl_moe import ExpertConfig, MixtureOfExperts, MoEConfig
+
+        layer = MixtureOfExperts(MoEConfig(num_experts=4, expert_config=ExpertConfig(hidden_dim=8)))
+        y = layer(np.ones((2, 5, 8), "float32"))  # any [..., d] input: every leading axis is tokens
+        print(y.shape)                            # (2, 5, 8)
+        print(layer.get_expert_utilization())     # measured share of assignments per expert
+        ```
     """
 
     def __init__(self, config=None, **kwargs):

@@ -759,6 +759,23 @@ def sparsify(model, **overrides):
     Raises:
         ValueError: For a model of another family, an already sparsified model, a
             model without MoE blocks or an invalid override.
+
+    Example:
+        ```python
+        import numpy as np
+        import keras_hub
+        from dl_moe import sparsify
+
+        backbone = keras_hub.models.MixtralBackbone(
+            vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+            hidden_dim=16, intermediate_dim=32, num_experts=4, top_k=2)
+        model = keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None)
+        inputs = {"token_ids": np.arange(1, 9)[None], "padding_mask": np.ones((1, 8), bool)}
+        before = model.predict(inputs, verbose=0)
+        sparsify(model)  # in place, dropless: the same outputs, only routed pairs computed
+        after = model.predict(inputs, verbose=0)
+        print(np.abs(after - before).max() / np.abs(before).max())  # float32 rounding
+        ```
     """
     backbone = _backbone_of(model)
     if type(backbone) in _STOCK_BACKBONES:

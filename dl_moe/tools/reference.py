@@ -34,11 +34,13 @@ def field_docs(cls):
         if not in_section or not stripped:
             continue
         width = len(line) - len(line.lstrip())
-        if indent is None:
-            indent = width
-        if width < indent:
-            break
         match = _ENTRY.match(stripped)
+        if indent is None and match:
+            indent = width
+        if indent is None or width < indent:
+            # Prose between groups of fields ("Router-specific fields ..."): not a field.
+            current, indent = None, None
+            continue
         if width == indent and match:
             current = match.group(1)
             docs[current] = match.group(2)
