@@ -35,8 +35,9 @@ def _run_blocks(blocks, label):
     source = "\n".join(blocks)
     if "keras.distribution" in source and keras.backend.backend() != "jax":
         pytest.skip("keras.distribution device meshes are implemented by the JAX backend")
-    if "keras_hub" in source:
-        pytest.importorskip("keras_hub")
+    for module in ("keras_hub", "keras_tuner"):
+        if module in source:
+            pytest.importorskip(module)
     namespace = {"__name__": "__docs__"}
     try:
         for index, block in enumerate(blocks):
