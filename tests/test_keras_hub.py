@@ -314,3 +314,29 @@ def test_a_missing_family_leaves_the_others_working(monkeypatch):
         monkeypatch.undo()
         importlib.reload(integration)
     assert not integration.MISSING_FAMILIES
+
+
+def test_parameter_count_grows_only_by_the_routing_counters(pair):
+    # The documented difference from stock: the same trainable weights, plus a few
+    # non-trainable routing-statistics counters per MoE layer.
+    family, stock, sparse = pair
+    size = lambda weights: sum(int(np.prod(w.shape)) for w in weights)  # noqa: E731
+    assert size(sparse.trainable_weights) == size(stock.trainable_weights)
+    extra = sparse.count_params() - stock.count_params()
+    assert 0 < extra <= 16 * len(integration.moe_layers(sparse)), (family, extra)
+
+
+def test_mixed_precision_routers_compute_in_float32_and_differ_by_rounding():
+    backbone_cls, causal_lm_cls, kwargs = FAMILIES["mixtral"]
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        stock, sparse = build_pair("mixtral")
+        layers = integration.moe_layers(sparse)
+        assert layers and all(layer.config.routing_dtype == "float32" for layer in layers)
+        inputs = make_inputs("mixtral")
+        real = inputs["padding_mask"]
+        expected = ops.convert_to_numpy(ops.cast(stock(inputs), "float32"))[real]
+        actual = ops.convert_to_numpy(ops.cast(sparse(inputs), "float32"))[real]
+        assert relative_error(actual, expected) < 0.1  # bfloat16 rounding, not a different model
+    finally:
+        keras.config.set_dtype_policy("float32")
