@@ -130,3 +130,22 @@ def test_lm_compare_help_lists_every_variant(capsys):
     out = "".join(capsys.readouterr().out.split())
     assert "sigmoid" in VARIANTS
     assert "lm:" + ",".join(VARIANTS) in out
+
+
+def test_dl_moe_imports_without_keras_hub_and_sparsify_says_what_is_missing():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['keras_hub'] = None\n"
+        "import dl_moe\n"
+        "try:\n"
+        "    dl_moe.sparsify\n"
+        "except ImportError as error:\n"
+        "    print('ImportError:', error)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pip install 'dl_moe[keras-hub]'" in result.stdout
