@@ -7,10 +7,13 @@ BACKENDS := tensorflow jax torch
 # pytest-xdist workers per backend run (the CI machine has 2 cores).
 WORKERS ?= 2
 
-.PHONY: install demo test test-tensorflow test-jax test-torch bench clean
+.PHONY: install demo test test-tensorflow test-jax test-torch docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The exact CPU build of PyTorch the suite is checked with; the `torch` extra itself
+	# only gives a floor.
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[all]"
 	touch $(STAMP)
 
@@ -32,5 +35,9 @@ test: $(STAMP)
 test-%: $(STAMP)
 	KERAS_BACKEND=$* $(PY) -m pytest -q -n $(WORKERS) tests
 
+# The documentation site (site/); warnings are errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info outputs
+	rm -rf $(VENV) build dist site *.egg-info outputs

@@ -68,6 +68,20 @@ class RoutingMonitor(keras.callbacks.Callback):
         layers: The MoE layers to watch (None: every `MixtureOfExperts` in the model).
         update_freq: "epoch", or a positive int N to also read every N batches.
         reset_each_epoch: Reset the layers' statistics when an epoch begins.
+
+    Example:
+        ```python
+        import numpy as np
+        import keras
+        import dl_moe
+
+        moe = dl_moe.create_ffn_moe(num_experts=4, hidden_dim=8, name="moe")
+        model = keras.Sequential([keras.Input((6, 8)), moe, keras.layers.Flatten(), keras.layers.Dense(2)])
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(np.random.rand(32, 6, 8), np.random.randint(0, 2, 32), epochs=2,
+                            verbose=0, callbacks=[dl_moe.RoutingMonitor()])
+        print(history.history["moe_avg_experts"], history.history["moe_load_cv"])
+        ```
     """
 
     def __init__(self, layers=None, update_freq="epoch", reset_each_epoch=True):

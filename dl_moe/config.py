@@ -8,6 +8,7 @@ which `MixtureOfExperts` calls again when it is constructed.
 """
 
 import dataclasses
+import difflib
 import math
 from typing import Optional
 
@@ -223,8 +224,85 @@ def _field(default, check, **kwargs):
     return dataclasses.field(default=default, metadata={"check": check}, **kwargs)
 
 
+def _config_classes():
+    """The three config classes, in the order an error message names them."""
+    return (MoEConfig, ExpertConfig, GatingConfig)
+
+
+def close_names(name, names, n=3):
+    """Up to `n` entries of `names` that look like `name` (for "did you mean").
+
+    Args:
+        name: The unknown name.
+        names: The valid names.
+        n: Most suggestions to return.
+
+    Returns:
+        A list of names, closest first (empty when nothing is close).
+    """
+    lowered = {candidate.lower(): candidate for candidate in names}
+    matches = difflib.get_close_matches(str(name).lower(), list(lowered), n=n, cutoff=0.6)
+    return [lowered[match] for match in matches]
+
+
+def did_you_mean(name, names):
+    """" Did you mean 'x'?" (or "" when no name is close)."""
+    matches = close_names(name, names)
+    if not matches:
+        return ""
+    return " Did you mean " + " or ".join(repr(m) for m in matches) + "?"
+
+
+def unknown_field_error(owner, name):
+    """The `ValueError` for a name that is not a field of config class `owner`.
+
+    Names the config the field belongs to when it is another one, and the closest
+    valid field names otherwise.
+
+    Args:
+        owner: The config class that was given `name`.
+        name: The unknown field name.
+
+    Returns:
+        A `ValueError` (to raise).
+    """
+    cls_name = owner.__name__
+    for other in _config_classes():
+        if other is not owner and name in other._field_names():
+            where = {
+                "MoEConfig": "MoEConfig(...)",
+                "ExpertConfig": "MoEConfig(expert_config=ExpertConfig(...))",
+                "GatingConfig": "MoEConfig(gating_config=GatingConfig(...))",
+            }[other.__name__]
+            return ValueError(
+                f"{cls_name} has no field {name!r}: {name!r} belongs to {other.__name__}; "
+                f"set it there, as in {where}."
+            )
+    return ValueError(
+        f"{cls_name} has no field {name!r}.{did_you_mean(name, owner._field_names())}"
+    )
+
+
 class _CheckedConfig:
-    """Mixin: validates every field on creation and on assignment."""
+    """Mixin: validates every field on creation and on assignment.
+
+    An unknown keyword (`MoEConfig(num_expert=8)`) or an assignment to a name that is
+    not a field (`config.gating_config.topk = 1`) is a `ValueError` that names the
+    field, the config it belongs to if another, and the closest valid names. The
+    checks read `dataclasses.fields`, so a new field is picked up without more code.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        names = cls._field_names()
+        for key in kwargs:
+            if key not in names:
+                raise unknown_field_error(cls, key)
+        if len(args) > len(names):
+            raise ValueError(
+                f"{cls.__name__} takes at most {len(names)} positional arguments, "
+                f"got {len(args)}; pass fields by keyword."
+            )
+        return super().__new__(cls)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -233,8 +311,11 @@ class _CheckedConfig:
         self.validate()
 
     def __setattr__(self, name, value):
-        if getattr(self, "_initialised", False) and name in self._field_names():
-            value = self._checked(name, value)
+        if getattr(self, "_initialised", False):
+            if name in self._field_names():
+                value = self._checked(name, value)
+            elif not name.startswith("_") and not hasattr(type(self), name):
+                raise unknown_field_error(type(self), name)
         object.__setattr__(self, name, value)
 
     @classmethod
@@ -270,9 +351,7 @@ class _CheckedConfig:
         data = {key: value for key, value in data.items() if key not in cls._retired_fields}
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(
-                f"Unknown {cls.__name__} field(s) {unknown}. Valid fields: {sorted(names)}."
-            )
+            raise unknown_field_error(cls, unknown[0])
         return cls(**cls._nested_from_dict(dict(data)))
 
     @classmethod
@@ -287,6 +366,15 @@ class _CheckedConfig:
 @dataclasses.dataclass
 class ExpertConfig(_CheckedConfig):
     """What each expert computes.
+
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, MixtureOfExperts, MoEConfig
+
+        experts = ExpertConfig(hidden_dim=16, intermediate_size=32, ffn_type="swiglu")
+        layer = MixtureOfExperts(MoEConfig(num_experts=4, expert_config=experts))
+        print(experts.resolved_intermediate_size)  # 32
+        ```
 
     Attributes:
         expert_type: Registered expert type; built-in: "ffn" (feed-forward experts,
@@ -444,6 +532,16 @@ def _ensemble_members(owner, name, value):
 @dataclasses.dataclass
 class GatingConfig(_CheckedConfig):
     """How tokens are routed to experts.
+
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, GatingConfig, MixtureOfExperts, MoEConfig
+
+        router = GatingConfig(gating_type="linear", top_k=1, aux_loss_weight=0.01)
+        layer = MixtureOfExperts(
+            MoEConfig(num_experts=4, expert_config=ExpertConfig(hidden_dim=8), gating_config=router)
+        )
+        ```
 
     Attributes:
         gating_type: Registered router type; built-in (see `dl_moe.gating`):
@@ -624,6 +722,20 @@ class GatingConfig(_CheckedConfig):
 @dataclasses.dataclass
 class MoEConfig(_CheckedConfig):
     """The whole Mixture-of-Experts layer.
+
+    Example:
+        ```python
+        from dl_moe import ExpertConfig, GatingConfig, MixtureOfExperts, MoEConfig
+
+        config = MoEConfig(
+            num_experts=4,
+            drop_tokens=False,  # dropless: every assignment is computed
+            expert_config=ExpertConfig(hidden_dim=8, intermediate_size=16),
+            gating_config=GatingConfig(top_k=2),
+        )
+        assert MoEConfig.from_dict(config.to_dict()) == config
+        layer = MixtureOfExperts(config)
+        ```
 
     Attributes:
         num_experts: Number of routed experts E.
@@ -1004,6 +1116,9 @@ def split_overrides(overrides, owner="overrides"):
                 part[key] = value
                 break
         else:
-            valid = sorted(moe_names | expert_names | gating_names)
-            raise ValueError(f"Unknown {owner} key {key!r}. Valid keys: {valid}.")
+            hint = did_you_mean(key, moe_names | expert_names | gating_names)
+            raise ValueError(
+                f"Unknown {owner} key {key!r}: not a field of MoEConfig, ExpertConfig "
+                f"or GatingConfig.{hint}"
+            )
     return parts

@@ -44,6 +44,16 @@ def create_ffn_moe(
 
     Raises:
         ValueError: For an unknown override key or an invalid value.
+
+    Example:
+        ```python
+        import numpy as np
+        from dl_moe import create_ffn_moe
+
+        layer = create_ffn_moe(num_experts=8, hidden_dim=16, top_k=2, ffn_type="swiglu",
+                               drop_tokens=False)  # any config field as an override
+        print(layer(np.ones((4, 16), "float32")).shape)  # (4, 16)
+        ```
     """
     config = build_config(
         base_moe={"num_experts": num_experts},
@@ -91,6 +101,15 @@ def create_attention_moe(
 
     Raises:
         ValueError: For an unknown override key or an invalid value.
+
+    Example:
+        ```python
+        import numpy as np
+        from dl_moe import create_attention_moe
+
+        layer = create_attention_moe(num_experts=4, hidden_dim=16, num_heads=2, top_k=2)
+        print(layer(np.ones((2, 5, 16), "float32")).shape)  # (2, 5, 16)
+        ```
     """
     config = build_config(
         base_moe={"num_experts": num_experts},
@@ -138,6 +157,15 @@ def create_conv_moe(
 
     Raises:
         ValueError: For an unknown override key or an invalid value.
+
+    Example:
+        ```python
+        import numpy as np
+        from dl_moe import create_conv_moe
+
+        layer = create_conv_moe(num_experts=4, filters=8, kernel_size=3, top_k=1)
+        print(layer(np.ones((2, 8, 8, 3), "float32")).shape)  # (2, 8, 8, 8)
+        ```
     """
     config = build_config(
         base_moe={"num_experts": num_experts},

@@ -48,6 +48,17 @@ class MixtureOfExperts(keras.layers.Layer):
     `entropy_loss_weight * router_entropy_loss` with `add_loss`; routing statistics
     accumulate in non-trainable variables (see `get_routing_stats` and
     `dl_moe.statistics`).
+
+    Example:
+        ```python
+        import numpy as np
+        from dl_moe import ExpertConfig, MixtureOfExperts, MoEConfig
+
+        layer = MixtureOfExperts(MoEConfig(num_experts=4, expert_config=ExpertConfig(hidden_dim=8)))
+        y = layer(np.ones((2, 5, 8), "float32"))  # any [..., d] input: every leading axis is tokens
+        print(y.shape)                            # (2, 5, 8)
+        print(layer.get_expert_utilization())     # measured share of assignments per expert
+        ```
     """
 
     def __init__(self, config=None, **kwargs):
@@ -210,12 +221,13 @@ class MixtureOfExperts(keras.layers.Layer):
             mask: Optional boolean mask of the leading axes.
 
         Returns:
-            dict of numpy arrays over the T flattened tokens:
-            * token-choice routers: `indices [T, k]`, `weights [T, k]`, `active [T, k]`
-              (False for unused dynamic-k slots and masked tokens) and `probs [T, E]`;
-            * "expert_choice": the same with k = E (`indices[t, e] = e`, `active[t, e]`:
-              expert e picked token t), plus `expert_tokens [E, C]` (T = empty slot);
-            * "softmoe": `weights`/`probs` `[B, S, E]` (combine weight per expert).
+            A dict of numpy arrays over the T flattened tokens. Token-choice routers
+            give `indices [T, k]`, `weights [T, k]`, `active [T, k]` (False for unused
+            dynamic-k slots and masked tokens) and `probs [T, E]`. "expert_choice"
+            gives the same with k = E (`indices[t, e] = e`; `active[t, e]`: expert e
+            picked token t) plus `expert_tokens [E, C]` (T marks an empty slot).
+            "softmoe" gives `weights` and `probs` `[B, S, E]` (the combine weight per
+            expert).
         """
         if not self.built:
             self.build(tuple(inputs.shape))

@@ -326,6 +326,22 @@ class ExpertLifecycle(keras.callbacks.Callback):
         history: `[{"step": s, "live": {layer name: live experts}}]`, one entry when
             training begins and one per check.
         events: `[{"step", "layer", "action" ("split"/"retire"/"merge"), "experts"}]`.
+
+    Example:
+        ```python
+        import numpy as np
+        import keras
+        import dl_moe
+
+        moe = dl_moe.create_ffn_moe(4, 8, top_k=1, intermediate_size=8, drop_tokens=False,
+                                    initial_active_experts=2, name="moe")
+        model = keras.Sequential([keras.Input((4, 8)), moe])
+        model.compile("adam", "mse")
+        lifecycle = dl_moe.ExpertLifecycle(every_n_steps=2, split_threshold=0.3)
+        model.fit(np.random.rand(32, 4, 8), np.random.rand(32, 4, 8), batch_size=8, epochs=1,
+                  verbose=0, callbacks=[lifecycle])
+        print(lifecycle.history[-1])  # live experts per layer at the last check
+        ```
     """
 
     def __init__(

@@ -38,7 +38,15 @@ def preset_dir():
 
 
 def list_presets():
-    """Sorted names of the available presets."""
+    """Sorted names of the available presets.
+
+    Example:
+        ```python
+        from dl_moe import list_presets
+
+        print(list_presets())  # ['attention', 'deepseek', 'default', ...]
+        ```
+    """
     return sorted(p.stem for p in preset_dir().glob("*.json"))
 
 
@@ -105,6 +113,14 @@ def get_preset_moe(name, name_of_layer=None, **overrides):
 
     Raises:
         ValueError: As `get_preset_config`.
+
+    Example:
+        ```python
+        from dl_moe import get_preset_moe
+
+        layer = get_preset_moe("mixtral", hidden_dim=32, intermediate_size=64)
+        print(layer.config.gating_config.normalize_top_k)  # True: Mixtral's rule
+        ```
     """
     return MixtureOfExperts(get_preset_config(name, **overrides), name=name_of_layer)
 

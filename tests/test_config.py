@@ -108,7 +108,7 @@ def test_layer_keeps_its_own_copy_of_the_config():
 
 
 def test_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match=r"Unknown GatingConfig field\(s\) \['topk'\]"):
+    with pytest.raises(ValueError, match=r"GatingConfig has no field 'topk'. Did you mean 'top_k'"):
         GatingConfig.from_dict({"topk": 2})
     with pytest.raises(ValueError, match="expects a dict"):
         MoEConfig.from_dict([1, 2])
@@ -131,7 +131,7 @@ def test_create_ffn_moe_overrides_any_field():
 
 
 def test_create_ffn_moe_rejects_unknown_override():
-    with pytest.raises(ValueError, match=r"Unknown create_ffn_moe key 'capacity'.*Valid keys: \["):
+    with pytest.raises(ValueError, match=r"Unknown create_ffn_moe key 'capacity'.*Did you mean"):
         dl_moe.create_ffn_moe(8, 16, capacity=2)
 
 

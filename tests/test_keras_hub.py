@@ -291,3 +291,53 @@ def test_expert_parallel_sparsified_model_trains_like_one_device(tmp_path):
     np.testing.assert_allclose(result["expert_parallel"], result["single"], atol=1e-4)
     assert result["single"][-1] < result["single"][0]
     assert result["all_to_all_in_forward"]
+
+
+def test_a_missing_family_leaves_the_others_working(monkeypatch):
+    import importlib
+    import sys
+
+    hidden = "keras_hub.src.models.gpt_oss.gpt_oss_decoder"
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if keras-hub had no GPT-OSS
+    try:
+        importlib.reload(integration)
+        assert "GPT-OSS" in integration.MISSING_FAMILIES
+        assert keras_hub.models.GptOssBackbone not in integration._FAMILIES
+        assert keras_hub.models.MixtralBackbone in integration._FAMILIES
+        backbone_cls, causal_lm_cls, kwargs = FAMILIES["mixtral"]
+        backbone = backbone_cls(vocabulary_size=VOCAB, num_layers=1, **kwargs)
+        sparse = integration.sparsify(causal_lm_cls(backbone=backbone, preprocessor=None))
+        assert integration.is_sparsified(sparse)
+        gpt_oss = FAMILIES["gpt_oss"]
+        with pytest.raises(ValueError, match="not a backbone of a supported keras-hub MoE family"):
+            integration.sparsify(gpt_oss[0](vocabulary_size=VOCAB, num_layers=1, **gpt_oss[2]))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(integration)
+    assert not integration.MISSING_FAMILIES
+
+
+def test_parameter_count_grows_only_by_the_routing_counters(pair):
+    # The documented difference from stock: the same trainable weights, plus a few
+    # non-trainable routing-statistics counters per MoE layer.
+    family, stock, sparse = pair
+    size = lambda weights: sum(int(np.prod(w.shape)) for w in weights)  # noqa: E731
+    assert size(sparse.trainable_weights) == size(stock.trainable_weights)
+    extra = sparse.count_params() - stock.count_params()
+    assert 0 < extra <= 16 * len(integration.moe_layers(sparse)), (family, extra)
+
+
+def test_mixed_precision_routers_compute_in_float32_and_differ_by_rounding():
+    backbone_cls, causal_lm_cls, kwargs = FAMILIES["mixtral"]
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        stock, sparse = build_pair("mixtral")
+        layers = integration.moe_layers(sparse)
+        assert layers and all(layer.config.routing_dtype == "float32" for layer in layers)
+        inputs = make_inputs("mixtral")
+        real = inputs["padding_mask"]
+        expected = ops.convert_to_numpy(ops.cast(stock(inputs), "float32"))[real]
+        actual = ops.convert_to_numpy(ops.cast(sparse(inputs), "float32"))[real]
+        assert relative_error(actual, expected) < 0.1  # bfloat16 rounding, not a different model
+    finally:
+        keras.config.set_dtype_policy("float32")

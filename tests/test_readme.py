@@ -19,6 +19,8 @@ def test_readme_block_runs(index):
 
     if "keras.distribution" in BLOCKS[index] and keras.backend.backend() != "jax":
         pytest.skip("keras.distribution device meshes are implemented by the JAX backend")
+    if "keras_hub" in BLOCKS[index]:
+        pytest.importorskip("keras_hub")
     namespace = {}
     if "layer." in BLOCKS[index] and "layer =" not in BLOCKS[index]:
         # The statistics block refers to a layer made by an earlier block.

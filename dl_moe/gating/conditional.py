@@ -46,8 +46,10 @@ class ConditionalGating(ExpertCountRange, BaseGating):
 
     Args:
         num_experts: E.
-        min_experts, max_experts: Bounds of k.
-        threshold_low, threshold_high: Difficulty thresholds, 0 <= low < high <= 1.
+        min_experts: Lower bound of k.
+        max_experts: Upper bound of k.
+        threshold_low: Difficulty at and below which k = min_experts (0 <= low < high).
+        threshold_high: Difficulty at and above which k = max_experts (high <= 1).
         difficulty_loss_weight: Weight of the head's regression loss (0: the head is
             not trained).
         difficulty_hidden_dim: Width h of the head (None: d // 4 clipped to [4, 64]).

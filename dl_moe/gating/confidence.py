@@ -36,7 +36,8 @@ class ConfidenceGating(ExpertCountRange, BaseGating):
 
     Args:
         num_experts: E.
-        min_experts, max_experts: Bounds of k.
+        min_experts: Lower bound of k.
+        max_experts: Upper bound of k.
         layer_depth_scale: Multiplies the complexity (e.g. 1 + 0.5 * depth / layers).
         temperature: Divides the logits.
         normalize_top_k: Renormalise the kept weights.

@@ -38,29 +38,60 @@ Gemma 4 (its MoE variant, `enable_moe_block=True`).
 import keras
 from keras import ops
 
-from dl_moe.config import GatingConfig, MoEConfig
+from dl_moe.config import GatingConfig, MoEConfig, did_you_mean
 from dl_moe.experts.fused import fuse_gate_up, split_gate_up
 from dl_moe.layer import MixtureOfExperts
+
+import importlib
 
 try:
     from keras_hub.src.models.backbone import Backbone
     from keras_hub.src.models.causal_lm import CausalLM
-    from keras_hub.src.models.gemma4.gemma4_backbone import Gemma4Backbone
-    from keras_hub.src.models.gemma4.gemma4_moe import Gemma4MoEBlock
-    from keras_hub.src.models.gpt_oss.gpt_oss_backbone import GptOssBackbone
-    from keras_hub.src.models.gpt_oss.gpt_oss_decoder import GptOssSparseMoeBlock
-    from keras_hub.src.models.mixtral.mixtral_backbone import MixtralBackbone
-    from keras_hub.src.models.mixtral.mixtral_decoder import MixtralSparseMoeBlock
-    from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_backbone import Qwen3_5MoeBackbone
-    from keras_hub.src.models.qwen3_5_moe.qwen3_5_moe_decoder import Qwen3_5MoeSparseMoeBlock
-    from keras_hub.src.models.qwen3_moe.qwen3_moe_backbone import Qwen3MoeBackbone
-    from keras_hub.src.models.qwen3_moe.qwen3_moe_decoder import Qwen3SparseMoeBlock
-    from keras_hub.src.models.qwen_moe.qwen_moe_backbone import QwenMoeBackbone
-    from keras_hub.src.models.qwen_moe.qwen_moe_decoder import QwenSparseMoeBlock
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "dl_moe.integrations.keras_hub needs keras-hub (pip install 'dl_moe[keras-hub]')."
     ) from error
+
+# Each family is imported on its own: a keras-hub release that moves or drops one family
+# leaves the others working. A missing family's names are placeholders no model has.
+MISSING_FAMILIES = {}
+
+
+def _import_family(family, backbone_path, backbone_name, block_path, block_name):
+    """`(backbone class, block class)` of one keras-hub family, or placeholders if absent."""
+    try:
+        backbone = getattr(importlib.import_module(f"keras_hub.src.models.{backbone_path}"), backbone_name)
+        block = getattr(importlib.import_module(f"keras_hub.src.models.{block_path}"), block_name)
+        return backbone, block
+    except (ImportError, AttributeError) as error:
+        MISSING_FAMILIES[family] = f"{type(error).__name__}: {error}"
+        placeholder = {"__module__": __name__, "__doc__": f"Stands in for keras-hub's missing {family}."}
+        return (
+            type(f"Missing{backbone_name}", (Backbone,), dict(placeholder)),
+            type(f"Missing{block_name}", (keras.layers.Layer,), dict(placeholder)),
+        )
+
+
+MixtralBackbone, MixtralSparseMoeBlock = _import_family(
+    "Mixtral", "mixtral.mixtral_backbone", "MixtralBackbone", "mixtral.mixtral_decoder", "MixtralSparseMoeBlock"
+)
+QwenMoeBackbone, QwenSparseMoeBlock = _import_family(
+    "Qwen-MoE", "qwen_moe.qwen_moe_backbone", "QwenMoeBackbone", "qwen_moe.qwen_moe_decoder", "QwenSparseMoeBlock"
+)
+Qwen3MoeBackbone, Qwen3SparseMoeBlock = _import_family(
+    "Qwen3-MoE", "qwen3_moe.qwen3_moe_backbone", "Qwen3MoeBackbone", "qwen3_moe.qwen3_moe_decoder",
+    "Qwen3SparseMoeBlock",
+)
+Qwen3_5MoeBackbone, Qwen3_5MoeSparseMoeBlock = _import_family(
+    "Qwen3.5-MoE", "qwen3_5_moe.qwen3_5_moe_backbone", "Qwen3_5MoeBackbone", "qwen3_5_moe.qwen3_5_moe_decoder",
+    "Qwen3_5MoeSparseMoeBlock",
+)
+GptOssBackbone, GptOssSparseMoeBlock = _import_family(
+    "GPT-OSS", "gpt_oss.gpt_oss_backbone", "GptOssBackbone", "gpt_oss.gpt_oss_decoder", "GptOssSparseMoeBlock"
+)
+Gemma4Backbone, Gemma4MoEBlock = _import_family(
+    "Gemma 4", "gemma4.gemma4_backbone", "Gemma4Backbone", "gemma4.gemma4_moe", "Gemma4MoEBlock"
+)
 
 __all__ = ["sparsify", "unsparsify", "moe_layers", "is_sparsified", "expert_parallel_layout_map"]
 
@@ -90,10 +121,13 @@ def _validated_overrides(overrides):
         if key in _FIXED_FIELDS:
             raise ValueError(
                 f"sparsify cannot override {key!r}: the keras-hub block fixes it (its weights and "
-                f"routing rule). Fields you can override: {allowed}."
+                f"routing rule)."
             )
         if key not in allowed:
-            raise ValueError(f"Unknown sparsify override {key!r}. Fields you can override: {allowed}.")
+            raise ValueError(
+                f"Unknown sparsify override {key!r}: not a MoEConfig or GatingConfig field."
+                f"{did_you_mean(key, allowed)}"
+            )
     return dict(overrides)
 
 
@@ -575,13 +609,18 @@ class Gemma4MoEAdapter(KerasHubMoEBlock, Gemma4MoEBlock):
 
 
 # Stock backbone class → adapter class of its MoE blocks.
+# Families keras-hub does not have (MISSING_FAMILIES) are left out.
 _FAMILIES = {
-    MixtralBackbone: MixtralMoEBlock,
-    QwenMoeBackbone: QwenMoEBlock,
-    Qwen3MoeBackbone: Qwen3MoEBlock,
-    Qwen3_5MoeBackbone: Qwen3_5MoEBlock,
-    GptOssBackbone: GptOssMoEBlock,
-    Gemma4Backbone: Gemma4MoEAdapter,
+    backbone: adapter
+    for backbone, adapter in (
+        (MixtralBackbone, MixtralMoEBlock),
+        (QwenMoeBackbone, QwenMoEBlock),
+        (Qwen3MoeBackbone, Qwen3MoEBlock),
+        (Qwen3_5MoeBackbone, Qwen3_5MoEBlock),
+        (GptOssBackbone, GptOssMoEBlock),
+        (Gemma4Backbone, Gemma4MoEAdapter),
+    )
+    if not backbone.__name__.startswith("Missing")
 }
 
 
@@ -720,6 +759,23 @@ def sparsify(model, **overrides):
     Raises:
         ValueError: For a model of another family, an already sparsified model, a
             model without MoE blocks or an invalid override.
+
+    Example:
+        ```python
+        import numpy as np
+        import keras_hub
+        from dl_moe import sparsify
+
+        backbone = keras_hub.models.MixtralBackbone(
+            vocabulary_size=64, num_layers=1, num_query_heads=2, num_key_value_heads=1,
+            hidden_dim=16, intermediate_dim=32, num_experts=4, top_k=2)
+        model = keras_hub.models.MixtralCausalLM(backbone=backbone, preprocessor=None)
+        inputs = {"token_ids": np.arange(1, 9)[None], "padding_mask": np.ones((1, 8), bool)}
+        before = model.predict(inputs, verbose=0)
+        sparsify(model)  # in place, dropless: the same outputs, only routed pairs computed
+        after = model.predict(inputs, verbose=0)
+        print(np.abs(after - before).max() / np.abs(before).max())  # float32 rounding
+        ```
     """
     backbone = _backbone_of(model)
     if type(backbone) in _STOCK_BACKBONES:

@@ -22,13 +22,44 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Top-level module a command may need -> (PyPI name, dl_moe extra that installs it).
+EXTRAS = {
+    "sklearn": ("scikit-learn", "demo"),
+    "scipy": ("scipy", "demo"),
+    "matplotlib": ("matplotlib", "demo"),
+    "keras_hub": ("keras-hub", "keras-hub"),
+    "keras_tuner": ("keras-tuner", "tuner"),
+    "jax": ("jax", "jax"),
+    "tensorflow": ("tensorflow", "tensorflow"),
+    "torch": ("torch", "torch"),
+}
+
+
+def missing_extra_message(module):
+    """One line naming the package a command needs and the extra that installs it.
+
+    Args:
+        module: The dotted name of the module that failed to import.
+
+    Returns:
+        The message, e.g. `this command needs scikit-learn: pip install "dl_moe[demo]"`.
+    """
+    top = (module or "").split(".")[0]
+    if top in EXTRAS:
+        package, extra = EXTRAS[top]
+        return f'this command needs {package}, which is not installed: pip install "dl_moe[{extra}]"'
+    return f"this command needs the Python module {module!r}, which is not installed"
+
+
 def _parser():
     parser = _Parser(prog=PROG, description="Sparse Mixture-of-Experts layers for Keras 3.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,compare,bench,presets}")
     demo = commands.add_parser("demo", help="train a small MoE classifier on scikit-learn's digits")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--output-dir", default="outputs")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument(
+        "--output-dir", default="outputs", help="folder for the saved model and the plots (default outputs)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split and the initialisation (default 0)")
 
     compare = commands.add_parser(
         "compare", help="train the demo model (or, with --task lm, a byte-level language model) with several "
@@ -43,10 +74,13 @@ def _parser():
         "--quick", action="store_true",
         help="a smaller run (digits: 10 epochs, 3 seeds; lm: d=64, context 64, 200 steps; minutes on 2 cores)",
     )
+    # The router lists come from the tables the runs read, so the help cannot drift.
+    from dl_moe.tools.compare import ROUTERS
+    from dl_moe.tools.compare_lm import VARIANTS
+
     compare.add_argument(
         "--routers", default=None,
-        help="comma-separated routers (default: all). digits: top1,top2,top_p,conditional,expert_choice,soft_moe,"
-        "top_any,aux_free_top2; lm: dense_flop,dense_param,top1,top2,top_p,aux_free_top2,top2_cf1.0,top2_dropless",
+        help=f"comma-separated routers (default: all). digits: {','.join(ROUTERS)}; lm: {','.join(VARIANTS)}",
     )
     compare.add_argument("--seeds", type=int, default=None, help="seeds per router (default 5, --quick 3; lm: 3)")
     compare.add_argument("--epochs", type=int, default=None, help="digits only: epochs per run (default 20, --quick 10)")
@@ -58,7 +92,7 @@ def _parser():
         "--learning-rate", type=float, default=None,
         help="lm only: peak learning rate of every model (default 2e-3, --quick 3e-3)",
     )
-    compare.add_argument("--output-dir", default="outputs")
+    compare.add_argument("--output-dir", default="outputs", help="folder for the CSV, JSON and plots (default outputs)")
 
     commands.add_parser(
         "bench", help="benchmark the MoE layer against the dense equivalent and the all-experts layer",
@@ -190,6 +224,11 @@ def main(argv=None):
     except UsageError as error:
         print(f"{PROG}: error: {error} (see `{PROG} --help`)", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        if os.environ.get("DL_MOE_DEBUG"):
+            raise
+        print(f"{PROG}: error: {missing_extra_message(error.name)}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as error:
         if os.environ.get("DL_MOE_DEBUG"):
             raise

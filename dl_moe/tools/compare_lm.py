@@ -9,8 +9,8 @@ initialisation). Models (`VARIANTS`, names are the `--routers` values):
 * `dense_param`: dense FFN with as many FFN weights as the MoE (E experts + router);
 * MoE, E experts of width h: `top1` (Switch), `top2`, `top_p`, `aux_free_top2`, and
   top-2 at training capacity factor 1.0 (`top2_cf1.0`), 1.25 (`top2`, the library
-  default) and dropless (`top2_dropless`). A `sigmoid` entry appears by itself once a
-  router of that name is registered.
+  default) and dropless (`top2_dropless`), and the sigmoid router of DeepSeek-V3 at
+  top-2 (`sigmoid`).
 
 Only causal routers qualify: a language model must not let a token's output depend
 on later tokens (`EXCLUDED` says why expert choice and Soft MoE are left out).
@@ -63,6 +63,7 @@ VARIANTS = {
     "aux_free_top2": {"ffn": "moe", "top_k": 2, "balancing": "aux_free"},
     "top2_cf1.0": {"ffn": "moe", "top_k": 2, "train_capacity_factor": 1.0},
     "top2_dropless": {"ffn": "moe", "top_k": 2, "drop_tokens": False},
+    "sigmoid": {"ffn": "moe", "gating_type": "sigmoid", "top_k": 2},
 }
 
 DESCRIPTIONS = {
@@ -77,16 +78,6 @@ DESCRIPTIONS = {
     "sigmoid": "MoE sigmoid router (DeepSeek-V3), top-2",
 }
 
-
-def _add_registered_routers():
-    """Adds routers that exist only in some versions of the package (e.g. sigmoid)."""
-    from dl_moe.registry import GATING_TYPES
-
-    if "sigmoid" in GATING_TYPES:
-        VARIANTS.setdefault("sigmoid", {"ffn": "moe", "gating_type": "sigmoid", "top_k": 2})
-
-
-_add_registered_routers()
 
 EXCLUDED = {
     "expert_choice": "each expert picks its top tokens among all tokens of the batch, so whether a "
