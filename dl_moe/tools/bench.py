@@ -679,7 +679,8 @@ def memory_table(cases, kinds=("moe", "dense")):
 
 def main(argv=None):
     """`dl-moe bench` / `python benchmarks/throughput.py`; `dl-moe bench --keras-hub ...`
-    runs the keras-hub model benchmark instead (dl_moe/tools/bench_keras_hub.py)."""
+    runs the keras-hub model benchmark instead (dl_moe/tools/bench_keras_hub.py), and
+    `dl-moe bench --real-sizes ...` the real-size one (dl_moe/tools/real_sizes.py)."""
     import argparse
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -687,6 +688,10 @@ def main(argv=None):
         from dl_moe.tools.bench_keras_hub import main as keras_hub_main
 
         return keras_hub_main(argv[1:])
+    if argv[:1] == ["--real-sizes"]:
+        from dl_moe.tools.real_sizes import main as real_sizes_main
+
+        return real_sizes_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="dl-moe bench", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="a,b,c", help="comma-separated case names among a, b, c")
@@ -695,6 +700,10 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     parser.add_argument("--output", help="write results as JSON to this path")
     parser.add_argument("--keras-hub", action="store_true", help="benchmark keras-hub MoE models instead (first option)")
+    parser.add_argument(
+        "--real-sizes", action="store_true",
+        help="benchmark one layer at the widths of Mixtral, Qwen-MoE, Qwen3-MoE and GPT-OSS instead (first option)",
+    )
     parser.add_argument(
         "--inference", action="store_true",
         help="time the forward pass in inference mode at --tokens token counts instead (E=8, k=2, d=256, h=512)",

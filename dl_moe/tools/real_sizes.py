@@ -129,8 +129,10 @@ def _jax_compiled(layer, tokens, d, training):
     return fn.lower(trainable, non_trainable, x).compile()
 
 
-def xla_analysis(names=tuple(CONFIGS), cases=XLA_CASES, kinds=LAYER_KINDS):
+def xla_analysis(names=None, cases=None, kinds=LAYER_KINDS):
     """Rows of XLA's compile-time figures (JAX), one per (config, case, layer kind)."""
+    names = tuple(CONFIGS) if names is None else names
+    cases = XLA_CASES if cases is None else cases
     rows = []
     for name in names:
         w = widths(name)
@@ -165,9 +167,10 @@ def xla_analysis(names=tuple(CONFIGS), cases=XLA_CASES, kinds=LAYER_KINDS):
 # ------------------------------------------------------------------ PyTorch memory
 
 
-def torch_peak_memory(names=tuple(CONFIGS), kinds=("dense", "capacity", "dropless"), tokens=2048):
+def torch_peak_memory(names=None, kinds=("dense", "capacity", "dropless"), tokens=2048):
     """Peak resident-memory growth (MiB) of an eager PyTorch training step, one
     fresh process per (config, layer)."""
+    names = tuple(CONFIGS) if names is None else names
     rows = []
     for name in names:
         for kind in kinds:
@@ -201,8 +204,10 @@ def _torch_child(name, kind, tokens):
 # ------------------------------------------------------------------ decode speed
 
 
-def decode_speed(names=tuple(CONFIGS), tokens=DECODE_TOKENS, repeats=7):
+def decode_speed(names=None, tokens=None, repeats=7):
     """Forward-pass wall time in inference at decode sizes, interleaved medians."""
+    names = tuple(CONFIGS) if names is None else names
+    tokens = DECODE_TOKENS if tokens is None else tokens
     rows = []
     for name in names:
         w = widths(name)

@@ -1,0 +1,52 @@
+"""`dl-moe bench --real-sizes` end to end at toy widths (the real widths are a benchmark)."""
+
+import json
+
+import keras
+import pytest
+
+from dl_moe.tools import bench, real_sizes
+
+
+@pytest.fixture
+def tiny_config(monkeypatch):
+    monkeypatch.setattr(real_sizes, "CONFIGS", {"tiny": (16, 32, 8, 2)})
+    monkeypatch.setattr(real_sizes, "XLA_CASES", (("train", 64), ("infer", 1)))
+    monkeypatch.setattr(real_sizes, "DECODE_TOKENS", (1, 8))
+
+
+def test_decode_study_reports_shares_of_dense_and_of_the_touched_limit(tiny_config, tmp_path):
+    path = tmp_path / "out.json"
+    bench.main(["--real-sizes", "--parts", "decode", "--configs", "tiny", "--repeats", "1", "--json", str(path)])
+    results = json.loads(path.read_text())
+    rows = results["decode"]
+    assert [row["tokens"] for row in rows] == [1, 8]
+    for row in rows:
+        assert 1 <= row["touched_experts"] <= min(8, 2 * row["tokens"])
+        for kind in ("capacity", "dropless", "all_experts"):
+            assert row[f"{kind}_vs_dense"] == pytest.approx(row["dense_ms"] / row[f"{kind}_ms"], rel=0.02, abs=1e-3)
+            limit_ms = max(row["dense_ms"], row["touched_limit_ms"])
+            assert row[f"{kind}_vs_limit"] == pytest.approx(limit_ms / row[f"{kind}_ms"], rel=0.02, abs=1e-3)
+    assert results["environment"]["backend"] == keras.backend.backend()
+    assert "| tiny | 8 |" in real_sizes.markdown_tables(results)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's compile-time analysis is read through JAX")
+def test_xla_study_reports_temporaries_against_the_target(tiny_config):
+    rows = real_sizes.xla_analysis(["tiny"])
+    assert [(r["mode"], r["tokens"], r["layer"]) for r in rows] == [
+        (mode, tokens, kind) for mode, tokens in (("train", 64), ("infer", 1)) for kind in real_sizes.LAYER_KINDS
+    ]
+    dense = {r["mode"]: r["temp_mib"] for r in rows if r["layer"] == "dense"}
+    widths = real_sizes.widths("tiny")
+    for row in rows:
+        expected = 1.3 * (dense[row["mode"]] + real_sizes.dispatched_copies_mib(widths, row["tokens"]))
+        assert row["target_mib"] == pytest.approx(expected, abs=0.1)
+    assert "| tiny | train | 64 |" in real_sizes.markdown_tables({"xla": rows})
+
+
+def test_unknown_config_or_part_names_the_choices():
+    with pytest.raises(ValueError, match="Mixtral-8x7B"):
+        bench.main(["--real-sizes", "--configs", "Mixtrl"])
+    with pytest.raises(ValueError, match="keras_hub"):
+        bench.main(["--real-sizes", "--parts", "memory"])
