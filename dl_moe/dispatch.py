@@ -71,6 +71,16 @@ class DispatchPlan(NamedTuple):
         return self.assignment_row < num_rows
 
 
+def _min(a, b):
+    """min of two sizes, each a Python int or a scalar tensor; with a JAX symbolic
+    size (`model.export`) the second, an upper bound that needs no comparison."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    if is_symbolic_dim(a) or is_symbolic_dim(b):
+        return b
+    return ops.minimum(a, b)
+
+
 def static_dim(tensor, axis):
     """The size of `axis` as a Python int when known, else a scalar tensor."""
     size = tensor.shape[axis]
@@ -223,9 +233,9 @@ def plan_capacity_dispatch(expert_index, active, num_experts, capacity):
 def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     """Dropless plan: blocks of `block_size` rows, each owned by one expert.
 
-    The number of blocks G = floor((N + E*(b-1)) / b) is a static upper bound of
-    sum_e ceil(count_e / b); blocks past the used ones are empty (owned by expert E-1,
-    all rows empty).
+    The number of blocks G = min(N, floor((N + E*(b-1)) / b)) is a static upper bound
+    of sum_e ceil(count_e / b) (each used block holds an assignment, so at most N of
+    them); blocks past the used ones are empty (owned by expert E-1, all rows empty).
 
     Args:
         expert_index: `[T, k]` int expert of each assignment.
@@ -239,7 +249,8 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
     num_assignments = num_tokens * top_k
-    num_blocks = (num_assignments + num_experts * (block_size - 1)) // block_size
+    # Every used block holds at least one assignment, so there are at most N of them.
+    num_blocks = _min(num_assignments, (num_assignments + num_experts * (block_size - 1)) // block_size)
     sorted_token, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
 
     counts = starts[1:] - starts[:-1]  # [E]

@@ -97,6 +97,20 @@ def dispatched_copies_mib(w, tokens):
     return 3 * tokens * w.top_k * w.hidden_dim * 4 / MIB
 
 
+def one_expert_mib(w):
+    """One expert's three matrices, float32."""
+    return 3 * w.hidden_dim * w.intermediate_size * 4 / MIB
+
+
+def target_mib(w, tokens, dense_temp_mib):
+    """The temporaries a sparse layer should stay within: 1.3 x (the dense-equivalent's
+    + the dispatched copies) at T = 4096; at decode sizes (T <= 64), one expert's
+    weights (the only copy a step that reads its experts one at a time holds)."""
+    if tokens <= 64:
+        return one_expert_mib(w)
+    return 1.3 * (dense_temp_mib + dispatched_copies_mib(w, tokens))
+
+
 def expert_gflops(w, kind, tokens, training):
     """Matmul GFLOPs of the expert rows a layer computes (at most, for dropless)."""
     d, h, e, k = w.hidden_dim, w.intermediate_size, w.num_experts, w.top_k
@@ -154,7 +168,7 @@ def xla_analysis(names=None, cases=None, kinds=LAYER_KINDS):
                     "expert_gflops": round(expert_gflops(w, kind, tokens, training), 2),
                 }
                 if dense_temp is not None:
-                    target = 1.3 * (dense_temp + dispatched_copies_mib(w, tokens))
+                    target = target_mib(w, tokens, dense_temp)
                     row["target_mib"] = round(target, 1)
                     row["vs_target"] = round(temp / target, 3)
                 rows.append(row)
@@ -350,10 +364,12 @@ def markdown_tables(results):
         for row in results["xla"]:
             rows.setdefault((row["config"], row["mode"], row["tokens"]), {})[row["layer"]] = row
         for (config, mode, tokens), by_kind in rows.items():
-            cells = [f"{by_kind[k]['temp_mib']:,.0f}" if k in by_kind else "–" for k in LAYER_KINDS]
-            target = by_kind.get("dropless", {}).get("target_mib")
-            ratio = by_kind.get("dropless", {}).get("vs_target")
-            out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.0f} | {ratio:.2f} |")
+            if "dense" not in by_kind or "dropless" not in by_kind:
+                continue
+            cells = [f"{by_kind[k]['temp_mib']:,.1f}" if k in by_kind else "–" for k in LAYER_KINDS]
+            target = target_mib(widths(config), tokens, by_kind["dense"]["temp_mib"])
+            ratio = by_kind["dropless"]["temp_mib"] / target
+            out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.1f} | {ratio:.2f} |")
         out.append("")
     if "torch" in results:
         out.append("| config | layer | T | peak growth MiB | of which weight gradients |")
