@@ -115,7 +115,9 @@ def test_cli_names_the_missing_extra_in_one_line(monkeypatch, capsys):
 
     from dl_moe.tools import cli
 
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` now fails
+    # `import sklearn` (and of any submodule an earlier test loaded) now fails.
+    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
     assert cli.main(["demo", "--epochs", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == 'dl-moe: error: this command needs scikit-learn, which is not installed: pip install "dl_moe[demo]"'
