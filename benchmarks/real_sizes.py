@@ -8,7 +8,14 @@ See `dl_moe/tools/real_sizes.py` for what each study measures; also
     KERAS_BACKEND=tensorflow python benchmarks/real_sizes.py --parts decode --json real_sizes_tf.json
 """
 
-from dl_moe.tools.real_sizes import main
+import os
+import sys
+
+# This folder holds keras_hub.py (the keras-hub benchmark), which would shadow the
+# keras-hub package that the keras_hub study imports.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+from dl_moe.tools.real_sizes import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
