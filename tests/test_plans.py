@@ -10,6 +10,7 @@ plan is asked for by name with `MoEConfig.dispatch`; a plan that cannot run a ca
 says why.
 """
 
+import dataclasses
 import json
 import zipfile
 
@@ -85,9 +86,46 @@ def expected_auto(bank, *, training, num_tokens, drop_tokens, adaptive=False, sl
         return "slices"
     if bank == "ffn":
         decode = static and num_tokens * slots <= dispatch_plans.GROUPED_DECODE_ASSIGNMENTS and not training
-        if not drop_tokens or decode:
+        if drop_tokens and decode:
+            return "grouped"
+        if not drop_tokens and not small_block_copies(num_tokens, slots):
             return "grouped"
     return "capacity" if drop_tokens else "blocks"
+
+
+def small_block_copies(num_tokens, slots, experts=4, d=8, h=16):
+    """The blocks plan's weight copies (mlp bank: 2 matrices of d x h per block) within
+    4x the rows' activations, for the `banks` fixture's FFN layer."""
+    if num_tokens is None:
+        return False
+    from dl_moe import dispatch
+
+    n = num_tokens * slots
+    block = dispatch.dropless_block_size(num_tokens, slots, experts)
+    blocks = min(n, (n + experts * (block - 1)) // block)
+    return blocks * 2 * d * h <= 4 * n * (d + h)
+
+
+def test_blocks_run_where_their_weight_copies_are_small_and_grouped_at_real_widths():
+    from dl_moe import dispatch
+
+    # d=256, h=512, E=8, k=2, T=4096 (benchmark case a): 52 blocks, copies 3.3x the rows.
+    block = dispatch.dropless_block_size(4096, 2, 8)
+    blocks = (8192 + 8 * (block - 1)) // block
+    assert blocks * 3 * 256 * 512 <= 4 * 8192 * (256 + 512)
+    # GPT-OSS-20B widths: copies about 40x the rows.
+    block = dispatch.dropless_block_size(4096, 4, 32)
+    blocks = (16384 + 32 * (block - 1)) // block
+    assert blocks * 3 * 2880 * 2880 > 4 * 16384 * (2880 + 2880)
+    # d = h = 1024 with the same E, k and T: copies 12x the rows.
+    for widths, want in [((256, 512), "blocks"), ((1024, 1024), "grouped")]:
+        layer = dl_moe.create_ffn_moe(
+            num_experts=8, hidden_dim=widths[0], intermediate_size=widths[1], ffn_type="swiglu", drop_tokens=False
+        )
+        layer.build((None, widths[0]))
+        facts = facts_for(layer, training=True, num_tokens=4096, drop_tokens=False)
+        facts = dataclasses.replace(facts, eager_torch=False)  # the compiled rows
+        assert dispatch_plans.choose_plan(facts, "auto").name == want
 
 
 @pytest.mark.parametrize("bank", ["ffn", "attention"])
