@@ -149,12 +149,12 @@ def test_bench_inference_times_each_token_count_and_plan(capsys, monkeypatch, tm
     printed = capsys.readouterr().out
     # The plan "auto" runs (dl_moe.dispatch_plans): T=1 (2 assignments) is a decode
     # batch, planned on the host in eager PyTorch and grouped under XLA; at T=64 (128
-    # assignments) eager PyTorch runs its slices, XLA capacity buffers or (dropless)
-    # the grouped plan.
+    # assignments) eager PyTorch runs its slices, XLA capacity buffers or (dropless,
+    # experts this small, whose per-block weight copies are cheap) the blocks plan.
     eager_torch = keras.backend.backend() == "torch"
     decode = "host_slices" if eager_torch else "grouped"
     capacity = "slices" if eager_torch else "capacity"
-    dropless = "slices" if eager_torch else "grouped"
+    dropless = "slices" if eager_torch else "blocks"
     assert f"| 1 | cf=1 | {decode} |" in printed and f"| 64 | dropless | {dropless} |" in printed
     import json
 
