@@ -112,3 +112,19 @@ def run_moe_layer_checks(layer_factory, input_shape, tmp_path, batch=16, epochs=
         atol=1e-6,
     )
     return model
+
+
+def compiled_output(layer, x, training=True):
+    """The layer's output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=training)[0])
+        return np.asarray(fn(trainable, non_trainable, x))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: layer(x, training=training), jit_compile=True)(x).numpy()
+    return np.asarray(ops.convert_to_numpy(layer(x, training=training)))

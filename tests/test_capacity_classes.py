@@ -22,7 +22,7 @@ from dl_moe import capacity_classes
 from dl_moe.forward import token_choice
 from tests import reference
 from tests.autodiff import gradients
-from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
+from tests.layer_checks import BACKEND, compiled_output, randomized_ffn_moe, routing_counters
 
 D, H, E, K = 8, 12, 4, 2
 
@@ -54,22 +54,6 @@ def skewed_tokens(num_tokens, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.normal(size=(1, D))
     return (base + 1e-3 * rng.normal(size=(num_tokens, D))).astype("float32")
-
-
-def compiled_output(layer, x, training=True):
-    """The layer's output, compiled (jax.jit / tf.function(jit_compile=True)); eager on torch."""
-    if BACKEND == "jax":
-        import jax
-
-        trainable = [v.value for v in layer.trainable_variables]
-        non_trainable = [v.value for v in layer.non_trainable_variables]
-        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=training)[0])
-        return np.asarray(fn(trainable, non_trainable, x))
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda x: layer(x, training=training), jit_compile=True)(x).numpy()
-    return np.asarray(ops.convert_to_numpy(layer(x, training=training)))
 
 
 def compiled_training_gradients(layer, x):

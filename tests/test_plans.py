@@ -25,7 +25,7 @@ from dl_moe.dispatch_plans import CallFacts
 from dl_moe.forward import token_choice
 from tests import reference
 from tests.autodiff import gradients
-from tests.layer_checks import BACKEND, randomized_ffn_moe, routing_counters
+from tests.layer_checks import BACKEND, compiled_output, randomized_ffn_moe, routing_counters
 
 EAGER_TORCH = backend_fast_paths.torch_eager_slices_enabled()
 # Adaptive capacity precedes eager PyTorch's slices: it changes which assignments are
@@ -273,22 +273,6 @@ def case(request):
     return request.param, x, layers
 
 
-def compiled_call(layer, x, training):
-    """The layer's output compiled with XLA (JAX, TensorFlow); eager PyTorch runs op by op."""
-    if BACKEND == "jax":
-        import jax
-
-        trainable = [v.value for v in layer.trainable_variables]
-        non_trainable = [v.value for v in layer.non_trainable_variables]
-        fn = jax.jit(lambda t, n, x: layer.stateless_call(t, n, x, training=training)[0])
-        return np.asarray(fn(trainable, non_trainable, x))
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda x: layer(x, training=training), jit_compile=True)(x).numpy()
-    return np.asarray(ops.convert_to_numpy(layer(x, training=training)))
-
-
 def reference_of(case_name, x, layer, training):
     kwargs = CASES[case_name]
     cap = None
@@ -320,7 +304,7 @@ def test_every_plan_matches_the_reference(case, mode, training):
             np.testing.assert_array_equal(stats["routed_tokens_per_expert"], ref["load"], err_msg=name)
             np.testing.assert_array_equal(stats["processed_tokens_per_expert"], processed, err_msg=name)
             if not EAGER_TORCH:
-                compiled = compiled_call(layer, x, training)
+                compiled = compiled_output(layer, x, training)
                 np.testing.assert_allclose(compiled, ref["out"], rtol=1e-4, atol=1e-5, err_msg=f"{name} compiled")
     finally:
         layer.config.dispatch = "auto"
