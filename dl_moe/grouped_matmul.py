@@ -17,6 +17,10 @@ Every loop trip count is data-dependent (experts with no rows are skipped entire
 so a decoding step reads only the experts it routes to), which is why the loops are
 `while_loop`s: they compile under XLA on JAX and TensorFlow and run as Python loops in
 eager PyTorch.
+
+`grouped_gated_matmul` is the same product for a GLU's down projection with the gated
+unit folded in: `out[g] = unit(gate[g], up[g]) @ w[owner(g)]`, so the hidden
+activations and their gradient exist one block at a time.
 """
 
 from typing import NamedTuple
@@ -196,17 +200,108 @@ def grouped_matmul(x, weights, blocks):
         ws, owned = args[:num_weights], ExpertBlocks(*args[num_weights:])
 
         def grad(*grad_args, upstream=None):
-            # keras.ops.custom_gradient passes the cotangents of a tuple output as one
-            # tuple (JAX), one positional argument each (TF) or `upstream=` (torch).
-            if upstream is not None:
-                upstreams = upstream
-            else:
-                upstreams = grad_args[0] if len(grad_args) == 1 else grad_args
-            upstreams = tuple(upstreams) if isinstance(upstreams, (tuple, list)) else (upstreams,)
-            grad_x, grad_ws = _backward(x, ws, owned, upstreams)
-            grad_ws = tuple(g if "float" in str(w.dtype) else None for g, w in zip(grad_ws, ws))
-            return (grad_x,) + grad_ws + (None,) * 4
+            grad_x, grad_ws = _backward(x, ws, owned, _upstreams(grad_args, upstream))
+            return (grad_x,) + tuple(_weight_grad(g, w) for g, w in zip(grad_ws, ws)) + (None,) * 4
 
         return _forward(x, ws, owned), grad
 
     return product(x, *weights, *blocks)
+
+
+def _upstreams(grad_args, upstream):
+    """The cotangents of a `keras.ops.custom_gradient` function's outputs, as a tuple.
+
+    Keras passes them as one tuple (JAX), one positional argument each (TF) or
+    `upstream=` (torch).
+    """
+    if upstream is None:
+        upstream = grad_args[0] if len(grad_args) == 1 else grad_args
+    return tuple(upstream) if isinstance(upstream, (tuple, list)) else (upstream,)
+
+
+def _weight_grad(grad, w):
+    """`grad`, or None for integer (quantized) weights, which take no gradient."""
+    return grad if "float" in str(w.dtype) else None
+
+
+def _gated_forward(gate, up, w, blocks, unit):
+    """`[G, b, c]`: `unit(gate[g], up[g]) @ w[owner(g)]`, the hidden rows one block at a time."""
+    out = ops.zeros(tuple(ops.shape(gate)[:2]) + (w.shape[-1],), dtype=gate.dtype)
+
+    def expert_body(expert, out):
+        w_e = _expert(w, expert, gate.dtype)  # [h, c]
+
+        def block_body(g, out):
+            hidden = unit(_block(gate, g), _block(up, g))  # [b, h]
+            return _put_block(out, g, ops.matmul(hidden, w_e))
+
+        return _loop_blocks(blocks, expert, block_body, out)
+
+    return _loop_experts(blocks, expert_body, out)
+
+
+def _gated_backward(gate, up, w, blocks, unit, upstream):
+    """`(d gate, d up, d w)` of `_gated_forward` for the cotangent `upstream [G, b, c]`.
+
+    Each block recomputes its hidden rows from `gate` and `up` (elementwise, no matmul)
+    and turns `upstream`'s block into its `[b, h]` hidden gradient and from it the
+    gate and up gradients.
+    """
+    dtype = upstream.dtype
+
+    def expert_body(expert, grads):
+        w_e = _expert(w, expert, dtype)  # [h, c]
+
+        def block_body(g, grads):
+            grad_gate, grad_up, grad_w = grads
+            gate_g, up_g, dy = _block(gate, g), _block(up, g), _block(upstream, g)
+            grad_hidden = ops.matmul(dy, ops.transpose(w_e))  # [b, h]
+            grad_gate_g, grad_up_g = unit.vjp(gate_g, up_g, grad_hidden)
+            grad_w_g = ops.cast(ops.matmul(ops.transpose(unit(gate_g, up_g)), dy), grad_w.dtype)
+            return (
+                _put_block(grad_gate, g, ops.cast(grad_gate_g, grad_gate.dtype)),
+                _put_block(grad_up, g, ops.cast(grad_up_g, grad_up.dtype)),
+                _put_block(grad_w, expert, _block(grad_w, expert) + grad_w_g),
+            )
+
+        return _loop_blocks(blocks, expert, block_body, grads)
+
+    grads = (ops.zeros_like(gate, dtype=dtype), ops.zeros_like(up, dtype=dtype), ops.zeros(tuple(w.shape), w.dtype))
+    return _loop_experts(blocks, expert_body, grads)
+
+
+def grouped_gated_matmul(gate, up, weight, blocks, unit):
+    """`out[g] = unit(gate[g], up[g]) @ w[owner(g)]`: a GLU's down projection on the
+    blocks each expert owns (blocks no expert owns: zeros).
+
+    The `[G, b, h]` hidden activations are never stored whole: the forward pass makes
+    them one block at a time, and the backward pass recomputes a block's from `gate`
+    and `up` (elementwise work) and passes its gradient on through `unit.vjp`, so a
+    training step holds `gate`, `up` and their gradients, not also the hidden
+    activations and theirs.
+
+    Args:
+        gate: `[G, b, h]` gate projections of the row blocks.
+        up: `[G, b, h]` up projections.
+        weight: `[E, h, c]` stacked down-projection matrices (any dtype, as in
+            `grouped_matmul`; integer weights get no gradient).
+        blocks: `ExpertBlocks` of the G blocks.
+        unit: The gated unit: `unit(gate, up)` and `unit.vjp(gate, up, d_hidden)`
+            (`dl_moe.experts.glu.GatedUnit`).
+
+    Returns:
+        `[G, b, c]` in `gate`'s dtype.
+    """
+
+    @ops.custom_gradient
+    def product(gate, up, w, *owned):
+        owned = ExpertBlocks(*owned)
+
+        def grad(*grad_args, upstream=None):
+            (upstream,) = _upstreams(grad_args, upstream)
+            grad_gate, grad_up, grad_w = _gated_backward(gate, up, w, owned, unit, upstream)
+            return (grad_gate, grad_up, _weight_grad(grad_w, w)) + (None,) * 4
+
+        return _gated_forward(gate, up, w, owned, unit), grad
+
+    return product(gate, up, _read(weight), *blocks)

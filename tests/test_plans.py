@@ -355,14 +355,24 @@ def assert_gradients_equal(got, want, names):
 
 
 
-@pytest.mark.parametrize(
-    "case_name", ["swiglu_k2", "mlp_k1_bias"]
-)
+# Every gated unit, whose down projection the grouped plan fuses with the unit
+# (`grouped_gated_matmul`, hand-written derivatives): biases, an expert scale, and a
+# clamp limit that the random projections cross.
+GATED_CASES = {
+    f"{ffn_type}_bias": dict(
+        num_experts=4, hidden_dim=8, intermediate_size=16, top_k=2, ffn_type=ffn_type, use_bias=True,
+        use_expert_scale=True, **(dict(glu_limit=0.7) if ffn_type == "clamped_swiglu" else {}),
+    )
+    for ffn_type in ("geglu", "geglu_tanh", "clamped_swiglu")
+}
+
+
+@pytest.mark.parametrize("case_name", ["swiglu_k2", "mlp_k1_bias", *GATED_CASES])
 @pytest.mark.parametrize("mode", ["capacity", "dropless"])
 def test_grouped_gradients_equal_the_buffered_plans(case_name, mode):
     """Dropless: grouped vs blocks. Capacity mode with no drops (factor 4): grouped vs
     capacity. Eager and compiled, to 1e-5 of the largest gradient."""
-    kwargs = CASES[case_name]
+    kwargs = {**CASES, **GATED_CASES}[case_name]
     x = np.random.default_rng(12).normal(size=(NUM_TOKENS, kwargs["hidden_dim"])).astype("float32")
     extra = dict(drop_tokens=False) if mode == "dropless" else dict(train_capacity_factor=4.0)
     layer = randomized_ffn_moe(x, seed=4, **kwargs, **extra)
@@ -376,6 +386,23 @@ def test_grouped_gradients_equal_the_buffered_plans(case_name, mode):
         assert_gradients_equal(eager_gradients(layer, x), want, names)
         if not EAGER_TORCH:
             assert_gradients_equal(compiled_gradients(layer, x), want, names)
+    finally:
+        layer.config.dispatch = "auto"
+
+
+def test_grouped_plan_runs_int8_banks_as_the_blocks_plan_does():
+    """An int8 GLU bank with biases (each product divided by its expert's scales, the
+    down projection fused with the gated unit): grouped = blocks, eager and compiled."""
+    kwargs = dict(GATED_CASES["clamped_swiglu_bias"], drop_tokens=False)
+    x = np.random.default_rng(13).normal(size=(NUM_TOKENS, kwargs["hidden_dim"])).astype("float32")
+    layer = randomized_ffn_moe(x, seed=5, quantize=True, **kwargs)
+    assert str(layer.experts.down_kernel.dtype) == "int8"
+    try:
+        layer.config.dispatch = "blocks"
+        want = np.asarray(ops.convert_to_numpy(layer(x, training=False)))
+        layer.config.dispatch = "grouped"
+        np.testing.assert_allclose(ops.convert_to_numpy(layer(x, training=False)), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(compiled_output(layer, x, training=False), want, rtol=1e-5, atol=1e-5)
     finally:
         layer.config.dispatch = "auto"
 

@@ -8,16 +8,8 @@ from dl_moe import dispatch as dispatch_lib
 from dl_moe.backend_fast_paths import join_slices, split_slices
 from dl_moe.config import FFN_TYPES
 from dl_moe.experts.base import ExpertBank
-from dl_moe.grouped_matmul import grouped_matmul
-
-GLU_GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu"}
-DEFAULT_GLU_ALPHA = 1.702
-DEFAULT_GLU_LIMIT = 7.0
-
-
-def gelu_tanh(x):
-    """The tanh approximation of gelu (Gemma's `gelu(approximate=True)`)."""
-    return keras.activations.gelu(x, approximate=True)
+from dl_moe.experts.glu import GatedUnit
+from dl_moe.grouped_matmul import grouped_gated_matmul, grouped_matmul
 
 
 def stacked_kernel_initializer(num_experts):
@@ -111,10 +103,8 @@ class FFNExpertBank(ExpertBank):
         self.use_bias = use_bias
         if ffn_type == "mlp":
             self._hidden_activation = keras.activations.get(activation)
-        elif ffn_type == "geglu_tanh":
-            self._hidden_activation = gelu_tanh
-        elif ffn_type != "clamped_swiglu":
-            self._hidden_activation = keras.activations.get(GLU_GATE_ACTIVATIONS[ffn_type])
+        else:
+            self._gated_unit = GatedUnit(ffn_type, glu_alpha, glu_limit)
         # Dropout without a sub-layer: `model.quantize` only visits leaf layers.
         self.seed_generator = keras.random.SeedGenerator() if dropout_rate > 0 else None
 
@@ -236,7 +226,11 @@ class FFNExpertBank(ExpertBank):
         def project(x, names):
             return self._project(x, names, group_expert, quantized, expert_blocks)
 
-        outputs = self._ffn_body(inputs, project, training)  # [G, R, o]
+        dropout = training and self.dropout_rate > 0
+        if expert_blocks is not None and self.ffn_type != "mlp" and not dropout:
+            outputs = self._gated_ffn_on_blocks(inputs, project, group_expert, quantized, expert_blocks)
+        else:
+            outputs = self._ffn_body(inputs, project, training)  # [G, R, o]
         if self.use_expert_scale:
             scale = self.expert_scale if group_expert is None else ops.take(self.expert_scale, group_expert, axis=0)
             outputs = outputs * ops.reshape(ops.cast(scale, outputs.dtype), (-1, 1, 1))
@@ -250,22 +244,24 @@ class FFNExpertBank(ExpertBank):
             hidden = self._hidden_activation(up)
         else:
             gate, up = project(inputs, ("gate", "up"))  # [..., h] each
-            if self.ffn_type == "clamped_swiglu":
-                hidden = self._clamped_swiglu(gate, up)
-            else:
-                hidden = self._hidden_activation(gate) * up
+            hidden = self._gated_unit(gate, up)
         if training and self.dropout_rate > 0:
             hidden = keras.random.dropout(hidden, self.dropout_rate, seed=self.seed_generator)
         (outputs,) = project(hidden, ("down",))  # [..., o]
         return outputs
 
-    def _clamped_swiglu(self, gate, up):
-        """GPT-OSS's gated unit: (clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
-        alpha = DEFAULT_GLU_ALPHA if self.glu_alpha is None else self.glu_alpha
-        limit = DEFAULT_GLU_LIMIT if self.glu_limit is None else self.glu_limit
-        gate = ops.minimum(gate, limit)
-        up = ops.clip(up, -limit, limit)
-        return (up + 1.0) * gate * ops.sigmoid(alpha * gate)
+    def _gated_ffn_on_blocks(self, inputs, project, group_expert, quantized, expert_blocks):
+        """The GLU FFN on expert blocks `[G, b, d]`, its gated unit fused into the down
+        projection (`grouped_gated_matmul`): the `[G, b, h]` hidden activations and their
+        gradient are never stored whole, which at real widths is two of the largest
+        buffers of a training step."""
+        gate, up = project(inputs, ("gate", "up"))  # [G, b, h] each
+        outputs = grouped_gated_matmul(gate, up, self.down_kernel, expert_blocks, self._gated_unit)
+        if quantized:
+            outputs = outputs / ops.cast(ops.take(self.down_kernel_scale, group_expert, axis=0), outputs.dtype)
+        if self.use_bias:
+            outputs = outputs + ops.expand_dims(ops.take(self.down_bias, group_expert, axis=0), 1)
+        return outputs
 
     # Rows that arrive as contiguous per-expert slices (eager PyTorch, see
     # dl_moe.backend_fast_paths) run as one plain matmul per expert.
