@@ -63,9 +63,16 @@ MUTANTS = [
     Mutant(
         "swap_gate_up",
         "GLU experts gate with the up matrix and scale with the gate matrix",
-        "hidden = self._hidden_activation(gate) * up",
-        "hidden = self._hidden_activation(up) * gate",
+        "return self._activation(gate) * up",
+        "return self._activation(up) * gate",
         (f"{REF}::-k dropless_matches_reference",),
+    ),
+    Mutant(
+        "silu_derivative_without_its_second_term",
+        "the grouped plan's fused backward pass uses sigmoid(g) as silu's derivative",
+        "return s * (1.0 + x * (1.0 - s))",
+        "return s",
+        ("tests/test_plans.py::-k grouped_gradients",),
     ),
     Mutant(
         "swap_gate_up_on_load",
