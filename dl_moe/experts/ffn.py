@@ -55,7 +55,7 @@ class FFNExpertBank(ExpertBank):
         num_experts: E.
         intermediate_size: h.
         output_dim: o (None: the input width d).
-        ffn_type: One of "mlp", "swiglu", "geglu".
+        ffn_type: One of "mlp", "swiglu", "geglu", "geglu_tanh", "clamped_swiglu".
         activation: Activation of "mlp" (Keras activation name).
         dropout_rate: Dropout on the hidden activations in training.
         use_bias: Add biases.
