@@ -8,6 +8,9 @@ checked here to fail) would fail these bounds. `benchmarks/real_sizes.py`
 measures the real widths.
 """
 
+import math
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -63,3 +66,28 @@ def test_grouped_block_size_keeps_padding_small():
         # At most a 32nd of the rows, plus the rounding up to a multiple of 8.
         assert experts * (block - 1) <= tokens * k / 32 + 7 * experts
     np.testing.assert_equal(dispatch.grouped_block_size(4096, 8, 128), 8)
+
+
+def large_copies_in_loops(hlo_text, min_elements):
+    """`copy` instructions of at least `min_elements` values outside the entry
+    computation (in loop bodies, where they would run once per iteration)."""
+    found, in_entry = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            in_entry = True
+        elif line and not line.startswith(" "):
+            in_entry = False
+        match = re.search(r"= [a-z0-9]+\[([0-9,]+)\][^ ]* copy\(", line)
+        if match and not in_entry and math.prod(int(n) for n in match.group(1).split(",")) >= min_elements:
+            found.append(line.strip()[:120])
+    return found
+
+
+def test_the_grouped_training_step_copies_no_rows_or_weights_per_iteration():
+    # A loop that overwrote a buffer it also reads makes XLA copy the whole buffer every
+    # iteration: small temporaries, slow steps. Half an expert matrix is the threshold.
+    layer = real_sizes.build_layer(WIDTHS, "dropless")
+    compiled = real_sizes._jax_compiled(layer, 2048, WIDTHS.hidden_dim, training=True)
+    text = compiled.as_text()
+    assert "while" in text
+    assert large_copies_in_loops(text, WIDTHS.hidden_dim * WIDTHS.intermediate_size // 2) == []
