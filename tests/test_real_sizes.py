@@ -55,3 +55,22 @@ def test_unknown_config_or_part_names_the_choices():
         bench.main(["--real-sizes", "--configs", "Mixtrl"])
     with pytest.raises(ValueError, match="keras_hub"):
         bench.main(["--real-sizes", "--parts", "memory"])
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the TensorFlow study runs TensorFlow in its child processes; it runs in the TensorFlow session",
+)
+def test_tf_study_reads_xla_temporaries_and_a_decode_step_holds_one_expert(monkeypatch):
+    monkeypatch.setattr(real_sizes, "CONFIGS", {"small": (64, 256, 8, 2)})
+    rows = real_sizes.tf_xla_analysis(["small"], cases=(("train", 256), ("infer", 1)), kinds=("dense", "dropless"))
+    assert [(r["mode"], r["layer"]) for r in rows] == [
+        ("train", "dense"), ("train", "dropless"), ("infer", "dense"), ("infer", "dropless")
+    ]
+    by_case = {(r["mode"], r["layer"]): r for r in rows}
+    assert by_case["train", "dense"]["temp_mib"] > 0 and by_case["train", "dropless"]["temp_mib"] > 0
+    # TensorFlow's compiled grouped plan reads the routed experts one at a time.
+    one_expert_mib = 3 * 64 * 256 * 4 / 2**20
+    assert 0 < by_case["infer", "dropless"]["temp_mib"] <= one_expert_mib
+    assert by_case["infer", "dropless"]["target_mib"] == pytest.approx(one_expert_mib, abs=1e-3)
+    assert "| small | train | 256 |" in real_sizes.markdown_tables({"tf_xla": rows})

@@ -20,6 +20,10 @@ Studies (`--parts`):
   also given as the matmul FLOPs of the rows it computes at most (`expert_gflops`).
   The target of a sparse layer: temporaries <= 1.3 x (the dense-equivalent's + the
   dispatched copies 3·T·k·d·4 bytes).
+* `tf_xla` (TensorFlow): the same temporaries for `tf.function(jit_compile=True)`,
+  training at T = 4096 and inference at T = 1. TensorFlow gives them only in XLA's
+  buffer-assignment dump, written when the function first runs, so each layer runs
+  one step, in a fresh process (`TF_XLA_CASES`).
 * `torch`: peak resident memory of an eager PyTorch training step (T = 2048), one
   fresh process per layer.
 * `decode` (every backend): wall time of the forward pass in inference at T = 1, 8
@@ -63,6 +67,8 @@ CAPACITY_FACTOR = 1.25
 LAYER_KINDS = ("dense", "all_experts", "capacity", "dropless")
 XLA_CASES = (("train", 4096), ("infer", 4096), ("infer", 1), ("infer", 8))
 DECODE_TOKENS = (1, 8, 64)
+TF_XLA_CASES = (("train", 4096), ("infer", 1))
+TF_XLA_KINDS = ("dense", "capacity", "dropless")
 MIB = 2**20
 
 
@@ -176,6 +182,69 @@ def xla_analysis(names=None, cases=None, kinds=LAYER_KINDS):
                 del compiled
                 gc.collect()
     return rows
+
+
+# ------------------------------------------------------------------ TensorFlow's XLA temporaries
+
+
+def tf_xla_analysis(names=None, cases=None, kinds=TF_XLA_KINDS):
+    """Rows of XLA's temporaries under TensorFlow, one fresh process per (config, case, layer)."""
+    import tempfile
+
+    names = tuple(CONFIGS) if names is None else names
+    cases = TF_XLA_CASES if cases is None else cases
+    rows = []
+    for name in names:
+        w = widths(name)
+        for mode, tokens in cases:
+            dense_temp = None
+            for kind in kinds:
+                with tempfile.TemporaryDirectory() as dump_dir:
+                    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+                    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
+                    spec = json.dumps(dataclasses.asdict(w))
+                    subprocess.run(
+                        [sys.executable, "-m", "dl_moe.tools.real_sizes", "--tf-child", spec, kind, mode, str(tokens)],
+                        env=env, capture_output=True, text=True, check=True,
+                    )
+                    temp = bench.xla_dumped_temp_bytes(dump_dir, module=TF_STEP_NAME) / MIB
+                if kind == "dense":
+                    dense_temp = temp
+                row = {"config": name, "mode": mode, "tokens": tokens, "layer": kind, "temp_mib": round(temp, 3)}
+                if dense_temp is not None:
+                    target = target_mib(w, tokens, dense_temp)
+                    row["target_mib"] = round(target, 3)
+                    row["vs_target"] = round(temp / target, 3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+TF_STEP_NAME = "real_size_step"
+
+
+def _tf_child(spec, kind, mode, tokens):
+    """Runs the layer's compiled step once, so that XLA writes its buffer assignment.
+
+    `spec`: the `Widths` as JSON."""
+    import tensorflow as tf
+
+    w = Widths(**json.loads(spec))
+    layer = build_layer(w, kind)
+    layer.build((tokens, w.hidden_dim))
+    x = tf.constant(np.random.RandomState(0).standard_normal((tokens, w.hidden_dim)).astype("float32"))
+    variables = [v.value for v in layer.trainable_variables]
+
+    def real_size_step(inputs):
+        if mode == "infer":
+            return layer(inputs, training=False)
+        with tf.GradientTape() as tape:
+            out = layer(inputs, training=True)
+            loss = tf.reduce_mean(tf.square(out)) + tf.add_n([0.0] + list(layer.losses))
+        # The gradients are outputs, as in the JAX study (a gathered weight's is IndexedSlices).
+        return loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+
+    tf.function(real_size_step, jit_compile=True)(x)
 
 
 # ------------------------------------------------------------------ PyTorch memory
@@ -295,12 +364,19 @@ def keras_hub_qwen3_layer(batch=8, seq=512):
     return rows
 
 
-PARTS = {"xla": xla_analysis, "torch": torch_peak_memory, "decode": decode_speed, "keras_hub": keras_hub_qwen3_layer}
+PARTS = {
+    "xla": xla_analysis,
+    "tf_xla": tf_xla_analysis,
+    "torch": torch_peak_memory,
+    "decode": decode_speed,
+    "keras_hub": keras_hub_qwen3_layer,
+}
 
 
 def add_arguments(parser):
     parser.add_argument("--parts", default="xla,keras_hub,decode",
-                        help="Comma-separated studies: xla (JAX), keras_hub (JAX), torch (PyTorch), decode (any backend).")
+                        help="Comma-separated studies: xla (JAX), tf_xla (TensorFlow), keras_hub (JAX), torch (PyTorch), "
+                        "decode (any backend).")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"Comma-separated subset of {list(CONFIGS)}.")
     parser.add_argument("--repeats", type=int, default=7, help="Timed runs per layer in the decode study.")
     parser.add_argument("--json", help="Write the results and the environment to this JSON file.")
@@ -345,6 +421,9 @@ def main(argv=None):
     if argv[:1] == ["--torch-child"]:
         _torch_child(argv[1], argv[2], int(argv[3]))
         return
+    if argv[:1] == ["--tf-child"]:
+        _tf_child(argv[1], argv[2], argv[3], int(argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
@@ -354,23 +433,31 @@ if __name__ == "__main__":
     main()
 
 
+def _temporaries_table(rows, kinds):
+    """Lines of a markdown table of XLA temporaries, one row per (config, step, T)."""
+    header = {"dense": "dense-equivalent", "all_experts": "all-experts", "capacity": "capacity 1.25", "dropless": "dropless"}
+    out = ["| config | step | T | " + " | ".join(header[k] for k in kinds) + " | target | dropless / target |"]
+    out.append("|---|---|---|" + "---|" * (len(kinds) + 2))
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["config"], row["mode"], row["tokens"]), {})[row["layer"]] = row
+    for (config, mode, tokens), by_kind in by_case.items():
+        if "dense" not in by_kind or "dropless" not in by_kind:
+            continue
+        cells = [f"{by_kind[k]['temp_mib']:,.1f}" if k in by_kind else "–" for k in kinds]
+        target = target_mib(widths(config), tokens, by_kind["dense"]["temp_mib"])
+        ratio = by_kind["dropless"]["temp_mib"] / target
+        out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.1f} | {ratio:.2f} |")
+    return out + [""]
+
+
 def markdown_tables(results):
     """Markdown tables of whichever studies `results` (the `--json` output) holds."""
     out = []
     if "xla" in results:
-        out.append("| config | step | T | dense-equivalent | all-experts | capacity 1.25 | dropless | target | dropless / target |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
-        rows = {}
-        for row in results["xla"]:
-            rows.setdefault((row["config"], row["mode"], row["tokens"]), {})[row["layer"]] = row
-        for (config, mode, tokens), by_kind in rows.items():
-            if "dense" not in by_kind or "dropless" not in by_kind:
-                continue
-            cells = [f"{by_kind[k]['temp_mib']:,.1f}" if k in by_kind else "–" for k in LAYER_KINDS]
-            target = target_mib(widths(config), tokens, by_kind["dense"]["temp_mib"])
-            ratio = by_kind["dropless"]["temp_mib"] / target
-            out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.1f} | {ratio:.2f} |")
-        out.append("")
+        out += _temporaries_table(results["xla"], LAYER_KINDS)
+    if "tf_xla" in results:
+        out += _temporaries_table(results["tf_xla"], TF_XLA_KINDS)
     if "torch" in results:
         out.append("| config | layer | T | peak growth MiB | of which weight gradients |")
         out.append("|---|---|---|---|---|")
