@@ -149,39 +149,50 @@ def _jax_compiled(layer, tokens, d, training):
     return fn.lower(trainable, non_trainable, x).compile()
 
 
-def xla_analysis(names=None, cases=None, kinds=LAYER_KINDS):
-    """Rows of XLA's compile-time figures (JAX), one per (config, case, layer kind)."""
-    names = tuple(CONFIGS) if names is None else names
-    cases = XLA_CASES if cases is None else cases
+def _temporaries_rows(names, cases, kinds, measure, digits):
+    """One row per (config, case, layer kind) of `measure(w, kind, mode, tokens)`, which
+    gives `(temporaries MiB, other fields)`; each row's target comes from its case's
+    dense row (measured first)."""
     rows = []
     for name in names:
         w = widths(name)
         for mode, tokens in cases:
-            training = mode == "train"
             dense_temp = None
             for kind in kinds:
-                keras.utils.set_random_seed(0)
-                compiled = _jax_compiled(build_layer(w, kind), tokens, w.hidden_dim, training)
-                cost = compiled.cost_analysis()
-                cost = cost[0] if isinstance(cost, list) else cost
-                temp = compiled.memory_analysis().temp_size_in_bytes / MIB
+                temp, fields = measure(w, kind, mode, tokens)
                 if kind == "dense":
                     dense_temp = temp
-                row = {
-                    "config": name, "mode": mode, "tokens": tokens, "layer": kind,
-                    "temp_mib": round(temp, 1),
-                    "xla_gflops": round(cost.get("flops", 0.0) / 1e9, 2),
-                    "expert_gflops": round(expert_gflops(w, kind, tokens, training), 2),
-                }
+                row = {"config": name, "mode": mode, "tokens": tokens, "layer": kind, "temp_mib": round(temp, digits)}
+                row.update(fields)
                 if dense_temp is not None:
                     target = target_mib(w, tokens, dense_temp)
-                    row["target_mib"] = round(target, 1)
+                    row["target_mib"] = round(target, digits)
                     row["vs_target"] = round(temp / target, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del compiled
-                gc.collect()
     return rows
+
+
+def xla_analysis(names=None, cases=None, kinds=LAYER_KINDS):
+    """Rows of XLA's compile-time figures (JAX), one per (config, case, layer kind)."""
+
+    def measure(w, kind, mode, tokens):
+        training = mode == "train"
+        keras.utils.set_random_seed(0)
+        compiled = _jax_compiled(build_layer(w, kind), tokens, w.hidden_dim, training)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        temp = compiled.memory_analysis().temp_size_in_bytes / MIB
+        fields = {
+            "xla_gflops": round(cost.get("flops", 0.0) / 1e9, 2),
+            "expert_gflops": round(expert_gflops(w, kind, tokens, training), 2),
+        }
+        del compiled
+        gc.collect()
+        return temp, fields
+
+    names = tuple(CONFIGS) if names is None else names
+    return _temporaries_rows(names, XLA_CASES if cases is None else cases, kinds, measure, digits=1)
 
 
 # ------------------------------------------------------------------ TensorFlow's XLA temporaries
@@ -191,33 +202,19 @@ def tf_xla_analysis(names=None, cases=None, kinds=TF_XLA_KINDS):
     """Rows of XLA's temporaries under TensorFlow, one fresh process per (config, case, layer)."""
     import tempfile
 
+    def measure(w, kind, mode, tokens):
+        with tempfile.TemporaryDirectory() as dump_dir:
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
+            spec = json.dumps(dataclasses.asdict(w))
+            subprocess.run(
+                [sys.executable, "-m", "dl_moe.tools.real_sizes", "--tf-child", spec, kind, mode, str(tokens)],
+                env=env, capture_output=True, text=True, check=True,
+            )
+            return bench.xla_dumped_temp_bytes(dump_dir, module=TF_STEP_NAME) / MIB, {}
+
     names = tuple(CONFIGS) if names is None else names
-    cases = TF_XLA_CASES if cases is None else cases
-    rows = []
-    for name in names:
-        w = widths(name)
-        for mode, tokens in cases:
-            dense_temp = None
-            for kind in kinds:
-                with tempfile.TemporaryDirectory() as dump_dir:
-                    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-                    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}".strip()
-                    spec = json.dumps(dataclasses.asdict(w))
-                    subprocess.run(
-                        [sys.executable, "-m", "dl_moe.tools.real_sizes", "--tf-child", spec, kind, mode, str(tokens)],
-                        env=env, capture_output=True, text=True, check=True,
-                    )
-                    temp = bench.xla_dumped_temp_bytes(dump_dir, module=TF_STEP_NAME) / MIB
-                if kind == "dense":
-                    dense_temp = temp
-                row = {"config": name, "mode": mode, "tokens": tokens, "layer": kind, "temp_mib": round(temp, 3)}
-                if dense_temp is not None:
-                    target = target_mib(w, tokens, dense_temp)
-                    row["target_mib"] = round(target, 3)
-                    row["vs_target"] = round(temp / target, 3)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    return rows
+    return _temporaries_rows(names, TF_XLA_CASES if cases is None else cases, kinds, measure, digits=3)
 
 
 TF_STEP_NAME = "real_size_step"
