@@ -426,9 +426,6 @@ def main(argv=None):
     run(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _temporaries_table(rows, kinds):
     """Lines of a markdown table of XLA temporaries, one row per (config, step, T)."""
@@ -478,3 +475,7 @@ def markdown_tables(results):
             out.append(f"| {row['model']} | {row['temp_mib']:,} | {row['vs_stock']:.2f} |")
         out.append("")
     return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
