@@ -185,20 +185,22 @@ class FFNExpertBank(ExpertBank):
             if group_expert is not None:
                 kernels = [ops.take(kernel, group_expert, axis=0) for kernel in kernels]
             products = [ops.matmul(x, ops.cast(kernel, x.dtype)) for kernel in kernels]
-        outputs = []
-        for name, y in zip(names, products):
-            if quantized:
-                scale = getattr(self, name + "_kernel_scale")
-                if group_expert is not None:
-                    scale = ops.take(scale, group_expert, axis=0)
-                y = y / ops.cast(scale, x.dtype)
-            if self.use_bias:
-                bias = getattr(self, name + "_bias")
-                if group_expert is not None:
-                    bias = ops.take(bias, group_expert, axis=0)
-                y = y + ops.expand_dims(bias, 1)
-            outputs.append(y)
-        return tuple(outputs)
+        return tuple(self._finish_product(name, y, group_expert, quantized) for name, y in zip(names, products))
+
+    def _finish_product(self, name, y, group_expert, quantized):
+        """`y [G, R, b]`, the rows times the named kernel, divided by the owning expert's
+        int8 scale `[1, b]` when `quantized` and plus its bias `[b]` with `use_bias`."""
+        if quantized:
+            scale = getattr(self, name + "_kernel_scale")
+            if group_expert is not None:
+                scale = ops.take(scale, group_expert, axis=0)
+            y = y / ops.cast(scale, y.dtype)
+        if self.use_bias:
+            bias = getattr(self, name + "_bias")
+            if group_expert is not None:
+                bias = ops.take(bias, group_expert, axis=0)
+            y = y + ops.expand_dims(bias, 1)
+        return y
 
     def call(self, inputs, group_expert=None, training=None, slice_counts=None, expert_blocks=None):
         """Applies each group's expert.
@@ -257,11 +259,7 @@ class FFNExpertBank(ExpertBank):
         buffers of a training step."""
         gate, up = project(inputs, ("gate", "up"))  # [G, b, h] each
         outputs = grouped_gated_matmul(gate, up, self.down_kernel, expert_blocks, self._gated_unit)
-        if quantized:
-            outputs = outputs / ops.cast(ops.take(self.down_kernel_scale, group_expert, axis=0), outputs.dtype)
-        if self.use_bias:
-            outputs = outputs + ops.expand_dims(ops.take(self.down_bias, group_expert, axis=0), 1)
-        return outputs
+        return self._finish_product("down", outputs, group_expert, quantized)
 
     # Rows that arrive as contiguous per-expert slices (eager PyTorch, see
     # dl_moe.backend_fast_paths) run as one plain matmul per expert.
