@@ -256,8 +256,8 @@ def _gated_backward(gate, up, w, blocks, unit, upstream):
             grad_gate, grad_up, grad_w = grads
             gate_g, up_g, dy = _block(gate, g), _block(up, g), _block(upstream, g)
             grad_hidden = ops.matmul(dy, ops.transpose(w_e))  # [b, h]
-            grad_gate_g, grad_up_g = unit.vjp(gate_g, up_g, grad_hidden)
-            grad_w_g = ops.cast(ops.matmul(ops.transpose(unit(gate_g, up_g)), dy), grad_w.dtype)
+            hidden, grad_gate_g, grad_up_g = unit.value_and_vjp(gate_g, up_g, grad_hidden)
+            grad_w_g = ops.cast(ops.matmul(ops.transpose(hidden), dy), grad_w.dtype)
             return (
                 _put_block(grad_gate, g, ops.cast(grad_gate_g, grad_gate.dtype)),
                 _put_block(grad_up, g, ops.cast(grad_up_g, grad_up.dtype)),
@@ -276,7 +276,7 @@ def grouped_gated_matmul(gate, up, weight, blocks, unit):
 
     The `[G, b, h]` hidden activations are never stored whole: the forward pass makes
     them one block at a time, and the backward pass recomputes a block's from `gate`
-    and `up` (elementwise work) and passes its gradient on through `unit.vjp`, so a
+    and `up` (elementwise work) and passes its gradient on through `unit.value_and_vjp`, so a
     training step holds `gate`, `up` and their gradients, not also the hidden
     activations and theirs.
 
@@ -286,7 +286,7 @@ def grouped_gated_matmul(gate, up, weight, blocks, unit):
         weight: `[E, h, c]` stacked down-projection matrices (any dtype, as in
             `grouped_matmul`; integer weights get no gradient).
         blocks: `ExpertBlocks` of the G blocks.
-        unit: The gated unit: `unit(gate, up)` and `unit.vjp(gate, up, d_hidden)`
+        unit: The gated unit: `unit(gate, up)` and `unit.value_and_vjp(gate, up, d_hidden)`
             (`dl_moe.experts.glu.GatedUnit`).
 
     Returns:

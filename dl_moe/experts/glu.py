@@ -73,8 +73,9 @@ class GatedUnit:
             return (up + 1.0) * gate * ops.sigmoid(self.alpha * gate)
         return self._activation(gate) * up
 
-    def vjp(self, gate, up, grad_hidden):
-        """`(d gate, d up)`, each `[..., h]`, of `grad_hidden [..., h]` through `__call__`."""
+    def value_and_vjp(self, gate, up, grad_hidden):
+        """`(hidden, d gate, d up)`, each `[..., h]`: `__call__`'s value and the vector-Jacobian
+        product of `grad_hidden [..., h]` through it (one pass over `gate` and `up`)."""
         if self.ffn_type == "clamped_swiglu":
             # The clamps pass the gradient strictly inside their range (as autodiff of
             # minimum/clip does away from the limits themselves).
@@ -85,5 +86,6 @@ class GatedUnit:
             grad_up = ops.where(ops.abs(up) < self.limit, grad_hidden * glu, 0.0)
             glu_derivative = s * (1.0 + self.alpha * clamped_gate * (1.0 - s))
             grad_gate = ops.where(gate < self.limit, grad_hidden * (clipped_up + 1.0) * glu_derivative, 0.0)
-            return grad_gate, grad_up
-        return grad_hidden * up * self._derivative(gate), grad_hidden * self._activation(gate)
+            return (clipped_up + 1.0) * glu, grad_gate, grad_up
+        activated = self._activation(gate)
+        return activated * up, grad_hidden * up * self._derivative(gate), grad_hidden * activated
