@@ -230,12 +230,24 @@ def plan_capacity_dispatch(expert_index, active, num_experts, capacity):
     )
 
 
+def dropless_num_blocks(num_assignments, num_experts, block_size):
+    """G = min(N, floor((N + E*(b-1)) / b)): the blocks a dropless plan of N assignments
+    allocates, a static upper bound of sum_e ceil(count_e / b). Every used block holds
+    at least one assignment, so there are at most N of them.
+
+    Args:
+        num_assignments: N, a Python int or a scalar tensor.
+        num_experts: E.
+        block_size: b.
+    """
+    return _min(num_assignments, (num_assignments + num_experts * (block_size - 1)) // block_size)
+
+
 def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     """Dropless plan: blocks of `block_size` rows, each owned by one expert.
 
-    The number of blocks G = min(N, floor((N + E*(b-1)) / b)) is a static upper bound
-    of sum_e ceil(count_e / b) (each used block holds an assignment, so at most N of
-    them); blocks past the used ones are empty (owned by expert E-1, all rows empty).
+    It allocates `dropless_num_blocks(N, E, b)` blocks; blocks past the used ones are
+    empty (owned by expert E-1, all rows empty).
 
     Args:
         expert_index: `[T, k]` int expert of each assignment.
@@ -249,8 +261,7 @@ def plan_dropless_dispatch(expert_index, active, num_experts, block_size):
     num_tokens = static_dim(expert_index, 0)
     top_k = static_dim(expert_index, 1)
     num_assignments = num_tokens * top_k
-    # Every used block holds at least one assignment, so there are at most N of them.
-    num_blocks = _min(num_assignments, (num_assignments + num_experts * (block_size - 1)) // block_size)
+    num_blocks = dropless_num_blocks(num_assignments, num_experts, block_size)
     sorted_token, sorted_expert, starts, rank, order = _sort_assignments(expert_index, active, num_experts)
 
     counts = starts[1:] - starts[:-1]  # [E]

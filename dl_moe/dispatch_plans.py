@@ -322,8 +322,8 @@ def block_copies_are_small(facts):
     config = facts.layer.config
     num_experts, slots = config.num_experts, facts.slots
     assignments = facts.num_tokens * slots
-    block = config.dropless_block_size or dispatch_lib.dropless_block_size(facts.num_tokens, slots, num_experts)
-    blocks = min(assignments, (assignments + num_experts * (block - 1)) // block)
+    block = dispatch_lib.dropless_block_size(facts.num_tokens, slots, num_experts, config.dropless_block_size)
+    blocks = dispatch_lib.dropless_num_blocks(assignments, num_experts, block)
     matrices = 2 if getattr(bank, "ffn_type", "mlp") == "mlp" else 3
     copies = blocks * matrices * input_dim * hidden
     return copies <= MAX_BLOCK_COPIES_PER_ACTIVATION * assignments * (input_dim + hidden)
