@@ -426,7 +426,6 @@ def main(argv=None):
     run(parser.parse_args(argv))
 
 
-
 def _temporaries_table(rows, kinds):
     """Lines of a markdown table of XLA temporaries, one row per (config, step, T)."""
     header = {"dense": "dense-equivalent", "all_experts": "all-experts", "capacity": "capacity 1.25", "dropless": "dropless"}
@@ -436,12 +435,14 @@ def _temporaries_table(rows, kinds):
     for row in rows:
         by_case.setdefault((row["config"], row["mode"], row["tokens"]), {})[row["layer"]] = row
     for (config, mode, tokens), by_kind in by_case.items():
-        if "dense" not in by_kind or "dropless" not in by_kind:
+        if "dropless" not in by_kind or "target_mib" not in by_kind["dropless"]:
             continue
         cells = [f"{by_kind[k]['temp_mib']:,.1f}" if k in by_kind else "–" for k in kinds]
-        target = target_mib(widths(config), tokens, by_kind["dense"]["temp_mib"])
-        ratio = by_kind["dropless"]["temp_mib"] / target
-        out.append(f"| {config} | {mode} | {tokens} | " + " | ".join(cells) + f" | {target:,.1f} | {ratio:.2f} |")
+        dropless = by_kind["dropless"]
+        out.append(
+            f"| {config} | {mode} | {tokens} | " + " | ".join(cells)
+            + f" | {dropless['target_mib']:,.1f} | {dropless['vs_target']:.2f} |"
+        )
     return out + [""]
 
 
